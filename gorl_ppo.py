@@ -1,0 +1,647 @@
+"""GoRL-PPO: online RL with a Gaussian latent policy and a flow-matching action decoder.
+
+    eps ~ pi_theta(eps | s)   latent policy, diagonal Gaussian, trained by PPO (fast timescale)
+    u   = g_phi(s, eps)       flow-matching decoder, frozen during RL, refit between stages (slow)
+    a   = tanh(u)             env action in [-1, 1]
+
+Zhang et al., "GoRL: An Algorithm-Agnostic Framework for Online Reinforcement Learning with
+Generative Policies", arXiv 2512.02581. Section numbers (spec §N) refer to GORL_SPEC.md, which is
+quoted in README.md. `--num-stages 1` is the tanh-Gaussian PPO baseline at identical settings.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+
+import common
+
+
+@dataclass
+class Args:
+    # ---- experiment ----
+    exp_name: str = "gorl_ppo"
+    """name of this experiment (first part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (envs are seeded seed, seed+1, ...)"""
+    torch_deterministic: bool = True
+    """sets torch.backends.cudnn.deterministic"""
+    cuda: bool = False
+    """run the networks on a GPU when one is present (the simulator always runs on the CPU)"""
+    torch_threads: int = 1
+    """torch CPU threads; 1 is ~3x faster than 2 threads competing with the simulator on 2 cores"""
+    track: bool = False
+    """mirror the tensorboard logs to Weights & Biases (falls back to offline without network)"""
+    wandb_project_name: str = "gorl"
+    """the wandb project name"""
+    wandb_entity: Optional[str] = None
+    """the wandb entity (team)"""
+    capture_video: bool = False
+    """render one deterministic episode to runs/<run>/videos/ at the end of every stage (needs MUJOCO_GL=egl or osmesa)"""
+    save_model: bool = True
+    """write runs/<run>/checkpoint.pt at every stage end"""
+    eval_only: bool = False
+    """only evaluate --checkpoint: print mean and std of the deterministic return, then exit"""
+    checkpoint: Optional[str] = None
+    """checkpoint to evaluate with --eval-only"""
+
+    # ---- environment ----
+    env_id: str = "hopper-stand"
+    """dm_control 'domain-task', 'dm_control/domain-task-v0', or a gymnasium id with a Box action space"""
+    env_backend: str = "auto"
+    """auto (envpool where it has the dm_control task, else dm_control), envpool, or dm_control"""
+    total_timesteps: int = 3_000_000
+    """total env steps of training, all stages together"""
+    num_envs: int = 64
+    """parallel envs; the decoder and the policy run batched across them"""
+    num_steps: int = 32
+    """steps per env per rollout (rollout = num_envs * num_steps transitions)"""
+
+    # ---- PPO (Phase 1, latent space) ----
+    learning_rate: float = 3e-4
+    """Adam learning rate of the latent policy and the critic"""
+    anneal_lr: bool = True
+    """anneal the learning rate linearly to 0 over the whole run"""
+    gamma: float = 0.99
+    """discount factor (authors at GPU scale: 0.995)"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    num_minibatches: int = 4
+    """minibatches per epoch"""
+    update_epochs: int = 10
+    """epochs over each rollout"""
+    norm_adv: bool = True
+    """normalise advantages per minibatch"""
+    clip_coef: float = 0.2
+    """PPO clip coefficient in stage 0"""
+    clip_coef_late: Optional[float] = None
+    """clip coefficient from stage 1 on (authors: 0.15 then 0.3); default: same as --clip-coef"""
+    ent_coef: float = 1e-3
+    """entropy bonus on the latent Gaussian"""
+    vf_coef: float = 0.5
+    """value loss coefficient"""
+    max_grad_norm: float = 0.5
+    """global gradient-norm clip"""
+    reward_scale: float = 1.0
+    """rewards are multiplied by this before GAE (authors: 10 with their own normalisation)"""
+    kl_coef: float = 1e-2
+    """beta: weight of the penalty pulling pi_theta(.|s) to N(0, I) (spec §2); same for the Gaussian twin"""
+    prior_penalty: Literal["kl", "l2"] = "kl"
+    """'kl': analytic KL(pi || N(0, I)); 'l2': the authors' mean(mu^2 + sigma^2) surrogate"""
+    policy_hidden: int = 64
+    """width of the latent policy MLP (authors: 32)"""
+    policy_layers: int = 2
+    """hidden layers of the latent policy MLP (authors: 4)"""
+    critic_hidden: int = 64
+    """width of the critic MLP (authors: 256)"""
+    critic_layers: int = 2
+    """hidden layers of the critic MLP (authors: 5)"""
+    activation: Literal["tanh", "silu"] = "tanh"
+    """activation of the policy and critic MLPs (authors: silu)"""
+
+    # ---- GoRL stages (spec §2) ----
+    num_stages: int = 2
+    """K: number of RL stages; K - 1 decoder refits. 1 = tanh-Gaussian PPO baseline"""
+    stage_fractions: tuple[float, ...] = ()
+    """relative env-step budget of each stage (K numbers); empty = equal stages"""
+
+    # ---- decoder (Phase 2, spec §3) ----
+    decoder_hidden: int = 64
+    """width of the velocity MLP"""
+    decoder_layers: int = 4
+    """hidden layers of the velocity MLP"""
+    euler_steps: int = 10
+    """N: Euler steps from t = 1 (noise) to t = 0 (action)"""
+    decoder_data_steps: int = 65536
+    """refit on the latest this-many env steps of the current composite policy (spec §7: stale data hurts)"""
+    decoder_train_steps: int = 2000
+    """Adam steps per decoder refit"""
+    decoder_batch_size: int = 256
+    """(s, u) pairs per decoder step"""
+    decoder_noise_draws: int = 4
+    """independent (eps, t) draws per pair and step"""
+    decoder_lr: float = 3e-4
+    """decoder Adam learning rate"""
+    decoder_val_fraction: float = 0.1
+    """share of the refit data held out; the best validation weights are kept"""
+    decoder_val_every: int = 100
+    """steps between validation checks"""
+    u_clip: float = 3.0
+    """targets are clipped to |u| <= u_clip so the decoder does not chase tanh saturation"""
+
+    # ---- evaluation ----
+    eval_interval: int = 100_000
+    """env steps between deterministic evaluations"""
+    eval_episodes: int = 10
+    """episodes per evaluation (fixed seeds, so evaluations are paired)"""
+    eval_seed: int = 10_000
+    """seed of the first eval episode; eval env i uses eval_seed + i"""
+
+    # ---- filled in at runtime ----
+    batch_size: int = 0
+    """(derived) num_envs * num_steps"""
+    minibatch_size: int = 0
+    """(derived) batch_size // num_minibatches"""
+    num_iterations: int = 0
+    """(derived) total_timesteps // batch_size"""
+
+
+# ---- networks ----
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias: float = 0.0) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, std)
+    nn.init.constant_(layer.bias, bias)
+    return layer
+
+
+def mlp(in_dim: int, hidden: int, layers: int, activation: type[nn.Module]) -> nn.Sequential:
+    dims = [in_dim] + [hidden] * layers
+    mods: list[nn.Module] = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        mods += [layer_init(nn.Linear(a, b)), activation()]
+    return nn.Sequential(*mods)
+
+
+class LatentPolicy(nn.Module):
+    """pi_theta(eps | s) = N(mu(s), diag(sigma^2)); sigma is a state-independent parameter."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation):
+        super().__init__()
+        self.trunk = mlp(obs_dim, hidden, layers, activation)
+        self.mu_head = layer_init(nn.Linear(hidden, act_dim), std=0.01)
+        self.log_sigma = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, s_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = self.mu_head(self.trunk(s_norm))  # (B, d)
+        return mu, self.log_sigma.exp().expand_as(mu)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [self.mu_head.weight, self.mu_head.bias, self.log_sigma]
+
+    @torch.no_grad()
+    def reset_to_prior(self) -> None:
+        """Exactly N(0, I) for every state: zero mean head, sigma = 1. The trunk is kept (spec §2)."""
+        self.mu_head.weight.zero_()
+        self.mu_head.bias.zero_()
+        self.log_sigma.zero_()
+
+
+class Critic(nn.Module):
+    def __init__(self, obs_dim: int, hidden: int, layers: int, activation):
+        super().__init__()
+        self.net = nn.Sequential(mlp(obs_dim, hidden, layers, activation), layer_init(nn.Linear(hidden, 1), std=1.0))
+
+    def forward(self, s_norm: torch.Tensor) -> torch.Tensor:
+        return self.net(s_norm).squeeze(-1)  # (B,)
+
+
+class FlowDecoder(nn.Module):
+    """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
+
+    Velocity v_phi(s_norm, x, emb(t)) is an MLP with SiLU; emb(t) = [cos(2^j t), sin(2^j t)],
+    j = 0..3. The last layer is zero at initialisation, so v = 0 and g(s, eps) = eps exactly
+    (stage 0 is plain tanh-Gaussian RL). Observations are normalised with statistics frozen at
+    the refit and stored here, so later updates of the running statistics do not move its inputs.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int):
+        super().__init__()
+        self.euler_steps = euler_steps
+        dims = [obs_dim + act_dim + 8] + [hidden] * layers
+        mods: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mods += [nn.Linear(a, b), nn.SiLU()]
+        self.out = nn.Linear(hidden, act_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+        self.net = nn.Sequential(*mods, self.out)
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_var", torch.ones(obs_dim))
+        # True until the first refit: the network then is exactly the identity, so skip it.
+        self.register_buffer("is_identity", torch.tensor(True))
+        self.register_buffer("freqs", 2.0 ** torch.arange(4, dtype=torch.float32))
+
+    def normalize(self, obs: torch.Tensor) -> torch.Tensor:
+        return ((obs - self.obs_mean) / torch.sqrt(self.obs_var + 1e-8)).clamp(-10.0, 10.0)
+
+    def velocity(self, s_norm: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        # s_norm (B, obs_dim), x (B, d), t (B, 1) -> velocity (B, d)
+        emb = torch.cat([torch.cos(self.freqs * t), torch.sin(self.freqs * t)], dim=-1)  # (B, 8)
+        return self.net(torch.cat([s_norm, x, emb], dim=-1))
+
+    def integrate(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t). No clipping."""
+        s_norm = self.normalize(obs)
+        x, dt = eps, 1.0 / self.euler_steps
+        for k in range(self.euler_steps):
+            t = torch.full_like(x[:, :1], 1.0 - k * dt)
+            x = x - dt * self.velocity(s_norm, x, t)
+        return x  # u, (B, d)
+
+    def forward(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.is_identity:
+            return eps
+        return self.integrate(obs, eps)
+
+
+# ---- helpers ----
+
+
+def prior_penalty(mu: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample penalty toward N(0, I), shape (B,). 'kl' is the analytic
+    KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2)."""
+    if kind == "kl":
+        return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * sigma.log()).sum(-1)
+    return (mu.pow(2) + sigma.pow(2)).sum(-1)
+
+
+def gaussian_log_prob(eps: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """log N(eps; mu, diag(sigma^2)) summed over dims, (B,). Written out: torch.distributions adds
+    argument checks that cost more than the maths at these batch sizes."""
+    return (-0.5 * ((eps - mu) / sigma).pow(2) - sigma.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+
+def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, lam: float):
+    """GAE over (T, N) tensors. next_values[t] is V(s_{t+1}) of the true next state (the final
+    observation when an episode ended at t), so a time-limit truncation still bootstraps while a
+    termination does not; `dones` (terminated or truncated) cuts the recursion between episodes."""
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[0])
+    for t in reversed(range(rewards.shape[0])):
+        delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
+        last = delta + gamma * lam * (1.0 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+def flow_matching_loss(decoder: FlowDecoder, s_norm, u, draws: int, generator=None) -> torch.Tensor:
+    """Fixed-prior conditional flow matching (spec §3). eps is drawn fresh and independent of the
+    latent that produced u, so the decoder learns to push N(0, I) onto the action distribution."""
+    s_norm, u = s_norm.repeat(draws, 1), u.repeat(draws, 1)  # (draws * B, .)
+    eps = torch.randn(u.shape, generator=generator, device=u.device)
+    t = torch.rand((u.shape[0], 1), generator=generator, device=u.device)
+    x_t = t * eps + (1.0 - t) * u
+    return (decoder.velocity(s_norm, x_t, t) - (eps - u)).pow(2).mean()
+
+
+def fit_decoder(obs: torch.Tensor, u: torch.Tensor, obs_rms: common.RunningMeanStd, args: Args,
+                obs_dim: int, act_dim: int, device) -> tuple[FlowDecoder, dict]:
+    """Fit a fresh decoder on (raw obs, u) pairs; keep the weights with the best validation loss."""
+    decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
+    decoder.obs_mean.copy_(torch.as_tensor(obs_rms.mean, dtype=torch.float32))
+    decoder.obs_var.copy_(torch.as_tensor(obs_rms.var, dtype=torch.float32))
+    decoder.is_identity.fill_(False)
+    s_norm = decoder.normalize(obs)
+    u = u.clamp(-args.u_clip, args.u_clip)
+    perm = torch.randperm(len(u), device=device)
+    n_val = max(1, int(args.decoder_val_fraction * len(u)))
+    val, train = perm[:n_val], perm[n_val:]
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+    val_gen = torch.Generator(device=device)
+
+    def val_loss() -> float:
+        val_gen.manual_seed(0)  # the same (eps, t) draws at every check, so checks are comparable
+        with torch.no_grad():
+            return flow_matching_loss(decoder, s_norm[val], u[val], args.decoder_noise_draws, val_gen).item()
+
+    best, best_state, train_loss = float("inf"), None, float("nan")
+    for step in range(1, args.decoder_train_steps + 1):
+        idx = train[torch.randint(len(train), (args.decoder_batch_size,), device=device)]
+        loss = flow_matching_loss(decoder, s_norm[idx], u[idx], args.decoder_noise_draws)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        train_loss = 0.98 * train_loss + 0.02 * loss.item() if step > 1 else loss.item()
+        if step % args.decoder_val_every == 0 or step == args.decoder_train_steps:
+            current = val_loss()
+            if current < best:
+                best, best_state = current, copy.deepcopy(decoder.state_dict())
+    decoder.load_state_dict(best_state)
+    return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(u)}
+
+
+@torch.no_grad()
+def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, samples: int = 32) -> dict:
+    """Action-space checks of a refit (spec §7), on states of the refit data. Old composite policy:
+    tanh(g_old(s, mu + sigma * xi)); new one after the reset: tanh(g_new(s, xi))."""
+    s_norm = torch.as_tensor(obs_rms.normalize(obs.cpu().numpy()), device=obs.device)
+    mu, sigma = policy(s_norm)
+    a_old_det = torch.tanh(old_decoder(obs, mu))
+    a_new_det = torch.tanh(new_decoder(obs, torch.zeros_like(mu)))
+    xi = torch.randn((samples, *mu.shape), device=obs.device)  # (S, B, d)
+    obs_rep = obs.expand(samples, *obs.shape).reshape(-1, obs.shape[-1])
+    a_old = torch.tanh(old_decoder(obs_rep, (mu + sigma * xi).reshape(-1, mu.shape[-1]))).reshape(xi.shape)
+    a_new = torch.tanh(new_decoder(obs_rep, xi.reshape(-1, mu.shape[-1]))).reshape(xi.shape)
+    return {
+        "action_rms_deterministic": (a_old_det - a_new_det).pow(2).mean().sqrt().item(),
+        "action_rms_mean": (a_old.mean(0) - a_new.mean(0)).pow(2).mean().sqrt().item(),
+        "action_std_old": a_old.std(0).mean().item(),
+        "action_std_new": a_new.std(0).mean().item(),
+    }
+
+
+def make_act(policy: LatentPolicy, decoder: FlowDecoder, obs_rms: common.RunningMeanStd, device):
+    """Deterministic composite policy a = tanh(g(s, mu(s))) with frozen observation statistics."""
+    frozen = obs_rms.copy()
+
+    @torch.no_grad()
+    def act(obs: np.ndarray) -> np.ndarray:
+        mu, _ = policy(torch.as_tensor(frozen.normalize(obs), device=device))
+        return torch.tanh(decoder(torch.as_tensor(obs, dtype=torch.float32, device=device), mu)).cpu().numpy()
+
+    return act
+
+
+def reset_latent_policy(policy: LatentPolicy, optimizer: torch.optim.Optimizer) -> None:
+    """Stage boundary (spec §2): pi_theta(.|s) = N(0, I) exactly, with fresh Adam moments for the
+    reset head. The trunk, the critic, their optimiser state and the observation statistics stay."""
+    policy.reset_to_prior()
+    for p in policy.head_parameters():
+        optimizer.state.pop(p, None)
+
+
+def stage_iterations(args: Args) -> list[int]:
+    """Split the PPO iterations over the stages by --stage-fractions (at least one each)."""
+    fractions = np.asarray(args.stage_fractions or [1.0] * args.num_stages, dtype=np.float64)
+    bounds = np.round(np.cumsum(fractions) / fractions.sum() * args.num_iterations).astype(int)
+    counts = np.diff(np.concatenate([[0], bounds]))
+    return [int(c) for c in counts]
+
+
+def validate(args: Args) -> None:
+    """Every check that can fail runs before any work, with a one-line message."""
+    E = common.UsageError
+    for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "num_stages",
+                 "decoder_hidden", "decoder_layers", "euler_steps", "decoder_data_steps", "decoder_train_steps",
+                 "decoder_batch_size", "decoder_noise_draws", "decoder_val_every", "eval_interval",
+                 "eval_episodes", "policy_hidden", "policy_layers", "critic_hidden", "critic_layers", "torch_threads"):
+        if getattr(args, name) <= 0:
+            raise E(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.eval_only:
+        if args.checkpoint is None:
+            raise E("--eval-only needs --checkpoint PATH")
+        return
+    batch = args.num_envs * args.num_steps
+    if batch % args.num_minibatches:
+        raise E(f"rollout of {batch} transitions (--num-envs {args.num_envs} x --num-steps {args.num_steps}) "
+                f"does not split into --num-minibatches {args.num_minibatches}")
+    if args.total_timesteps < batch * args.num_stages:
+        raise E(f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch} steps) per stage "
+                f"for --num-stages {args.num_stages}")
+    if args.stage_fractions and (len(args.stage_fractions) != args.num_stages or min(args.stage_fractions) <= 0):
+        raise E(f"--stage-fractions {' '.join(map(str, args.stage_fractions))} must be {args.num_stages} positive "
+                "numbers (one per stage)")
+    if not 0.0 < args.decoder_val_fraction < 1.0:
+        raise E(f"--decoder-val-fraction must be in (0, 1), got {args.decoder_val_fraction}")
+    common.resolve_backend(args.env_id, args.env_backend)  # raises on unknown ids and backends
+
+
+def evaluate_checkpoint(args: Args) -> None:
+    ckpt = common.load_checkpoint(args.checkpoint, "gorl_ppo")
+    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    policy, decoder, obs_rms = build_from_checkpoint(ckpt, saved, device)
+    returns = common.evaluate(saved.env_id, make_act(policy, decoder, obs_rms, device),
+                              args.eval_episodes, args.eval_seed, saved.env_backend)
+    print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: "
+          f"return {returns.mean():.2f} +- {returns.std():.2f} over {len(returns)} episodes")
+
+
+def build_from_checkpoint(ckpt: dict, args: Args, device):
+    obs_dim, act_dim = ckpt["obs_dim"], ckpt["act_dim"]
+    activation = nn.Tanh if args.activation == "tanh" else nn.SiLU
+    policy = LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, activation).to(device)
+    policy.load_state_dict(ckpt["policy"])
+    decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
+    decoder.load_state_dict(ckpt["decoder"])
+    obs_rms = common.RunningMeanStd((obs_dim,))
+    obs_rms.load_state_dict(ckpt["obs_rms"])
+    return policy, decoder, obs_rms
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    try:
+        validate(args)
+        if args.eval_only:
+            evaluate_checkpoint(args)
+            sys.exit(0)
+    except common.UsageError as err:
+        common.exit_on_usage_error(err)
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = args.total_timesteps // args.batch_size
+    iterations_per_stage = stage_iterations(args)
+    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
+
+    common.seed_everything(args.seed, args.torch_deterministic)
+    torch.set_num_threads(args.torch_threads)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    envs = common.make_vector_env(args.env_id, args.num_envs, args.seed, args.env_backend)
+    obs_dim = envs.single_observation_space.shape[0]
+    act_dim = envs.single_action_space.shape[0]  # latent dim = action dim (spec §1)
+    logger = common.RunLogger(run_name, args, args.track, args.wandb_project_name, args.wandb_entity)
+    print(f"run directory: {logger.run_dir}; stage iterations {iterations_per_stage} x {args.batch_size} steps")
+
+    activation = nn.Tanh if args.activation == "tanh" else nn.SiLU
+    policy = LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, activation).to(device)
+    critic = Critic(obs_dim, args.critic_hidden, args.critic_layers, activation).to(device)
+    decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
+    # fused=True: one kernel per step instead of several per parameter (the update is overhead-bound).
+    optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=args.learning_rate, eps=1e-5,
+                                 fused=True)
+    obs_rms = common.RunningMeanStd((obs_dim,))
+
+    # Rollout storage, (T, N, ...)
+    T, N = args.num_steps, args.num_envs
+    b_obs = torch.zeros((T, N, obs_dim), device=device)  # normalised with the stats of that step
+    b_eps = torch.zeros((T, N, act_dim), device=device)
+    b_logp = torch.zeros((T, N), device=device)
+    b_rewards = torch.zeros((T, N), device=device)
+    b_values = torch.zeros((T, N), device=device)
+    b_final_values = torch.zeros((T, N), device=device)  # V(final obs) where an episode ended at t
+    b_terminated = torch.zeros((T, N), device=device)
+    b_dones = torch.zeros((T, N), device=device)
+    b_raw_obs = torch.zeros((T, N, obs_dim), device=device)  # decoder refit data (raw obs, executed u)
+    b_u = torch.zeros((T, N, act_dim), device=device)
+    # The latest rollouts of the current composite policy, for the next decoder refit (spec §7).
+    refit_data: collections.deque = collections.deque(maxlen=max(1, -(-args.decoder_data_steps // args.batch_size)))
+
+    global_step, iteration, next_eval = 0, 0, 0
+    last_eval = float("nan")
+    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
+    next_obs_raw, _ = envs.reset(seed=args.seed)
+    start_time = time.time()
+    env_time = 0.0
+    pbar = common.progress_bar(args.total_timesteps)
+
+    def run_eval(tag: str, stage: int) -> np.ndarray:
+        returns = common.evaluate(args.env_id, make_act(policy, decoder, obs_rms, device), args.eval_episodes,
+                                  args.eval_seed, args.env_backend)
+        logger.eval_row(global_step, stage, returns, tag)
+        if tag == "periodic" or tag == "final":
+            logger.scalar("eval/return_mean", returns.mean(), global_step)
+            logger.scalar("eval/return_std", returns.std(), global_step)
+        return returns
+
+    def save(stage: int) -> None:
+        if args.save_model:
+            common.save_checkpoint(os.path.join(logger.run_dir, "checkpoint.pt"), {
+                "script": "gorl_ppo", "args": vars(args), "global_step": global_step, "stage": stage,
+                "obs_dim": obs_dim, "act_dim": act_dim, "policy": policy.state_dict(), "critic": critic.state_dict(),
+                "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
+            })
+
+    for stage in range(args.num_stages):
+        clip_coef = args.clip_coef if stage == 0 or args.clip_coef_late is None else args.clip_coef_late
+
+        # ---- Phase 1: PPO on the latent policy, decoder frozen ----
+        for _ in range(iterations_per_stage[stage]):
+            iteration += 1
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+
+            for step in range(T):
+                obs_rms.update(next_obs_raw)
+                raw = torch.as_tensor(next_obs_raw, dtype=torch.float32, device=device)
+                s = torch.as_tensor(obs_rms.normalize(next_obs_raw), device=device)
+                with torch.inference_mode():
+                    mu, sigma = policy(s)
+                    eps = mu + sigma * torch.randn_like(mu)  # latent action (N, d)
+                    logp = gaussian_log_prob(eps, mu, sigma)
+                    value = critic(s)
+                    u = decoder(raw, eps)  # pre-tanh action (N, d)
+                b_obs[step], b_eps[step], b_logp[step], b_values[step] = s, eps, logp, value
+                b_raw_obs[step], b_u[step] = raw, u
+
+                t_env = time.time()
+                next_obs_raw, reward, terminated, truncated, infos = envs.step(torch.tanh(u).cpu().numpy())
+                env_time += time.time() - t_env
+                done = terminated | truncated
+                b_rewards[step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
+                b_terminated[step] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
+                b_dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
+                if done.any():
+                    # V of the true last observation: a truncated episode still bootstraps from it.
+                    final = torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]), device=device)
+                    with torch.no_grad():
+                        final_values = critic(final)
+                    b_final_values[step, torch.as_tensor(done, device=device)] = final_values
+                    for i in np.flatnonzero(done):
+                        logger.scalar("charts/episodic_return", episode_return[i] + reward[i], global_step + i)
+                        logger.scalar("charts/episodic_length", episode_length[i] + 1, global_step + i)
+                episode_return = (episode_return + reward) * ~done
+                episode_length = (episode_length + 1) * ~done
+            global_step += args.batch_size
+            with torch.no_grad():
+                last_values = critic(torch.as_tensor(obs_rms.normalize(next_obs_raw), device=device))
+            # V(s_{t+1}) of the true next state: the next step's value, or V(final obs) where an episode ended.
+            b_next_values = torch.cat([b_values[1:], last_values[None]])
+            b_next_values = torch.where(b_dones.bool(), b_final_values, b_next_values)
+            advantages, returns = compute_gae(b_rewards, b_values, b_next_values, b_terminated, b_dones,
+                                              args.gamma, args.gae_lambda)
+            refit_data.append((b_raw_obs.reshape(-1, obs_dim).clone(), b_u.reshape(-1, act_dim).clone()))
+
+            # PPO update in latent space: the ratio is over eps, so no tanh/decoder Jacobian is needed.
+            f_obs, f_eps, f_logp = b_obs.reshape(-1, obs_dim), b_eps.reshape(-1, act_dim), b_logp.reshape(-1)
+            f_adv, f_ret, f_val = advantages.reshape(-1), returns.reshape(-1), b_values.reshape(-1)
+            clipfracs, approx_kls = [], []
+            for epoch in range(args.update_epochs):
+                perm = torch.randperm(args.batch_size, device=device)
+                for start in range(0, args.batch_size, args.minibatch_size):
+                    mb = perm[start:start + args.minibatch_size]
+                    mu, sigma = policy(f_obs[mb])
+                    new_logp = gaussian_log_prob(f_eps[mb], mu, sigma)
+                    log_ratio = new_logp - f_logp[mb]
+                    ratio = log_ratio.exp()
+                    with torch.no_grad():
+                        approx_kls.append(((ratio - 1) - log_ratio).mean().item())
+                        clipfracs.append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
+                    adv = f_adv[mb]
+                    if args.norm_adv:
+                        adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+                    pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
+                    v_loss = 0.5 * (critic(f_obs[mb]) - f_ret[mb]).pow(2).mean()
+                    entropy = (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean()
+                    penalty = prior_penalty(mu, sigma, args.prior_penalty).mean()
+                    loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + args.kl_coef * penalty
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_([*policy.parameters(), *critic.parameters()], args.max_grad_norm)
+                    optimizer.step()
+
+            explained_var = 1.0 - (f_ret - f_val).var() / (f_ret.var() + 1e-8)
+            sps = global_step / (time.time() - start_time)
+            for name, value in {
+                "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
+                "losses/entropy": entropy.item(), "losses/prior_kl": penalty.item(),
+                "losses/approx_kl": np.mean(approx_kls), "losses/clipfrac": np.mean(clipfracs),
+                "losses/explained_variance": explained_var.item(),
+                "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
+                "charts/env_time_fraction": env_time / (time.time() - start_time), "charts/stage": stage,
+                "charts/latent_mu_abs": f_eps.abs().mean().item(), "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
+                "charts/action_abs": torch.tanh(b_u).abs().mean().item(),
+            }.items():
+                logger.scalar(name, value, global_step)
+
+            if global_step >= next_eval:
+                last_eval = run_eval("periodic", stage).mean()
+                next_eval += args.eval_interval
+            pbar.update(args.batch_size)
+            pbar.set_postfix(stage=f"{stage + 1}/{args.num_stages}", sps=f"{sps:.0f}", eval=f"{last_eval:.1f}")
+
+        if args.capture_video:
+            common.record_video(args.env_id, make_act(policy, decoder, obs_rms, device), args.eval_seed,
+                                os.path.join(logger.run_dir, "videos", f"stage{stage}_step{global_step}.mp4"))
+        save(stage)
+        if stage == args.num_stages - 1:
+            break
+
+        # ---- Phase 2: decoder refit on the latest on-policy (s, u) pairs ----
+        fit_start = time.time()
+        before = run_eval("boundary_before", stage)
+        data_obs = torch.cat([o for o, _ in refit_data])  # (M, obs_dim), raw
+        data_u = torch.cat([u for _, u in refit_data])  # (M, d), executed pre-tanh actions
+        new_decoder, fit = fit_decoder(data_obs, data_u, obs_rms, args, obs_dim, act_dim, device)
+        probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
+        diagnostics = boundary_diagnostics(policy, decoder, new_decoder, obs_rms, probe)
+
+        # ---- Stage boundary: latent policy reset to N(0, I); critic and obs statistics kept ----
+        reset_latent_policy(policy, optimizer)
+        decoder = new_decoder
+        refit_data.clear()  # the next refit must see only the next stage's composite policy
+        after = run_eval("boundary_after", stage + 1)
+        for name, value in {
+            "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
+            "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
+            "charts/boundary_action_rms": diagnostics["action_rms_deterministic"],
+            "charts/boundary_action_mean_rms": diagnostics["action_rms_mean"],
+            "charts/boundary_action_std_old": diagnostics["action_std_old"],
+            "charts/boundary_action_std_new": diagnostics["action_std_new"],
+            "charts/decoder_fit_seconds": time.time() - fit_start,
+        }.items():
+            logger.scalar(name, value, global_step)
+        pbar.write(
+            f"stage {stage} -> {stage + 1} at step {global_step}: decoder val loss {fit['val_loss']:.3f} "
+            f"on {fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
+            f"{diagnostics['action_rms_deterministic']:.3f}; action std {diagnostics['action_std_old']:.3f} -> "
+            f"{diagnostics['action_std_new']:.3f}; {time.time() - fit_start:.1f}s")
+
+    final = run_eval("final", args.num_stages - 1)
+    pbar.close()
+    elapsed = time.time() - start_time
+    print(f"final deterministic return {final.mean():.1f} +- {final.std():.1f}; {global_step} env steps in "
+          f"{elapsed:.0f}s ({global_step / elapsed:.0f} steps/s, env {env_time / elapsed:.0%} of wall time)")
+    envs.close()
+    logger.close()

@@ -1,0 +1,89 @@
+"""common.py: env ids, backends, SAME_STEP autoreset semantics, evaluation pairing."""
+
+import numpy as np
+import pytest
+
+import common
+
+
+@pytest.mark.parametrize("env_id,obs_dim,act_dim", [
+    ("hopper-stand", 15, 4), ("dm_control/cheetah-run-v0", 17, 6), ("ball_in_cup-catch", 8, 2),
+    ("finger-turn_hard", 12, 2), ("Pendulum-v1", 3, 1),
+])
+def test_make_env_accepts_all_id_styles(env_id, obs_dim, act_dim):
+    env = common.make_env(env_id, seed=0)()
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (obs_dim,) and obs.dtype == np.float32
+    assert env.action_space.shape == (act_dim,)
+    assert np.all(env.action_space.low == -1) and np.all(env.action_space.high == 1)
+    obs, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+    assert obs.dtype == np.float32 and np.isfinite(reward)
+
+
+def test_unknown_env_id_suggests_close_matches():
+    with pytest.raises(common.UsageError, match="unknown --env-id 'hopper-stnd'.*hopper-stand"):
+        common.resolve_env_id("hopper-stnd")
+    with pytest.raises(common.UsageError, match="Discrete action space"):
+        common.make_env("CartPole-v1", 0)()
+
+
+def test_dm_control_time_limit_is_truncation_not_termination():
+    env = common.make_env("cartpole-balance", seed=0)()
+    env.reset(seed=0)
+    for step in range(1, 1001):
+        _, _, terminated, truncated, _ = env.step(np.zeros(1, np.float32))
+        assert not terminated
+        if truncated:
+            break
+    assert step == 1000 and truncated
+
+
+@pytest.mark.parametrize("backend", ["envpool", "dm_control"])
+def test_vector_env_same_step_autoreset(backend):
+    envs = common.make_vector_env("cartpole-balance", num_envs=3, seed=0, backend=backend)
+    obs, _ = envs.reset(seed=0)
+    assert obs.shape == (3, 5) and obs.dtype == np.float32
+    for step in range(1, 1001):
+        obs, reward, terminated, truncated, infos = envs.step(np.zeros((3, 1), np.float32))
+        if step < 1000:
+            assert not truncated.any() and "final_obs" not in infos
+    assert truncated.all() and not terminated.any()
+    final = infos["final_obs"]
+    assert final.shape == (3, 5) and not np.allclose(final, obs)  # obs is already the next episode's
+    _, reward, _, _, _ = envs.step(np.zeros((3, 1), np.float32))
+    assert np.all(np.isfinite(reward))
+    envs.close()
+
+
+def test_backends_agree_on_observation_layout():
+    a = common.make_vector_env("hopper-stand", 2, 0, "envpool")
+    b = common.make_vector_env("hopper-stand", 2, 0, "dm_control")
+    assert a.single_observation_space.shape == b.single_observation_space.shape
+    assert a.single_action_space.shape == b.single_action_space.shape
+    # touch sensors are the last 2 entries in both layouts and are non-negative
+    assert np.all(a.reset()[0][:, -2:] >= 0) and np.all(b.reset(seed=0)[0][:, -2:] >= 0)
+
+
+@pytest.mark.parametrize("backend", ["envpool", "dm_control"])
+def test_evaluation_is_paired_by_seed(backend):
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(5, 1))
+    act = lambda obs: np.tanh(obs @ weights).astype(np.float32)
+    r1 = common.evaluate("cartpole-balance", act, num_episodes=3, seed=7, backend=backend)
+    r2 = common.evaluate("cartpole-balance", act, num_episodes=3, seed=7, backend=backend)
+    r3 = common.evaluate("cartpole-balance", act, num_episodes=3, seed=8, backend=backend)
+    np.testing.assert_array_equal(r1, r2)
+    assert not np.array_equal(r1, r3)
+
+
+def test_checkpoint_errors_are_one_line(tmp_path):
+    with pytest.raises(common.UsageError, match="does not exist"):
+        common.load_checkpoint(str(tmp_path / "missing.pt"), "gorl_ppo")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UsageError, match="not readable"):
+        common.load_checkpoint(str(bad), "gorl_ppo")
+    other = tmp_path / "sac.pt"
+    common.save_checkpoint(str(other), {"script": "gorl_sac"})
+    with pytest.raises(common.UsageError, match="written by gorl_sac.py"):
+        common.load_checkpoint(str(other), "gorl_ppo")

@@ -1,0 +1,113 @@
+"""PPO-side maths of gorl_ppo.py: KL to the prior, log-probs, GAE, the stage-boundary reset."""
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import common
+import gorl_ppo
+
+
+def test_analytic_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, sigma = torch.randn(32, 6), torch.rand(32, 6) * 2 + 0.05
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(gorl_ppo.prior_penalty(mu, sigma, "kl"), expected)
+    assert torch.all(gorl_ppo.prior_penalty(torch.zeros(3, 2), torch.ones(3, 2), "kl") == 0)
+
+
+def test_gaussian_log_prob_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, sigma, eps = torch.randn(32, 4), torch.rand(32, 4) + 0.1, torch.randn(32, 4)
+    expected = torch.distributions.Normal(mu, sigma).log_prob(eps).sum(-1)
+    torch.testing.assert_close(gorl_ppo.gaussian_log_prob(eps, mu, sigma), expected)
+
+
+def _brute_force_gae(r, v, v_next, term, done, gamma, lam):
+    T, N = r.shape
+    adv = np.zeros((T, N))
+    for n in range(N):
+        for t in range(T):
+            total, weight = 0.0, 1.0
+            for k in range(t, T):
+                delta = r[k, n] + gamma * v_next[k, n] * (1 - term[k, n]) - v[k, n]
+                total += weight * delta
+                if done[k, n]:
+                    break
+                weight *= gamma * lam
+            adv[t, n] = total
+    return adv
+
+
+def test_gae_matches_brute_force_with_truncation_and_termination():
+    rng = np.random.default_rng(0)
+    T, N = 9, 4
+    r, v, v_next = rng.normal(size=(T, N)), rng.normal(size=(T, N)), rng.normal(size=(T, N))
+    term = np.zeros((T, N))
+    trunc = np.zeros((T, N))
+    term[2, 0] = term[6, 1] = 1  # terminations: no bootstrap
+    trunc[4, 0] = trunc[3, 2] = trunc[8, 3] = 1  # time limits: bootstrap from V(final obs)
+    done = np.maximum(term, trunc)
+    expected = _brute_force_gae(r, v, v_next, term, done, 0.99, 0.95)
+    t = lambda x: torch.as_tensor(x, dtype=torch.float64)
+    adv, ret = gorl_ppo.compute_gae(t(r), t(v), t(v_next), t(term), t(done), 0.99, 0.95)
+    np.testing.assert_allclose(adv.numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(ret.numpy(), expected + v, rtol=1e-10)
+    # A truncated step bootstraps, a terminated one does not.
+    assert adv[3, 2].item() == r[3, 2] + 0.99 * v_next[3, 2] - v[3, 2]
+    assert adv[2, 0].item() == r[2, 0] - v[2, 0]
+
+
+def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser():
+    torch.manual_seed(0)
+    obs_dim, act_dim = 7, 3
+    policy = gorl_ppo.LatentPolicy(obs_dim, act_dim, 32, 2, nn.Tanh)
+    critic = gorl_ppo.Critic(obs_dim, 32, 2, nn.Tanh)
+    optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=1e-2)
+    rms = common.RunningMeanStd((obs_dim,))
+    rms.update(np.random.default_rng(0).normal(3.0, 2.0, (100, obs_dim)))
+    for _ in range(20):  # move everything away from its initial values
+        mu, sigma = policy(torch.randn(64, obs_dim))
+        loss = (mu - 1).pow(2).mean() + (sigma - 0.3).pow(2).mean() + critic(torch.randn(64, obs_dim)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    mu, sigma = policy(torch.randn(8, obs_dim))
+    assert mu.abs().min() > 0 and (sigma - 1).abs().min() > 0
+    critic_before = copy.deepcopy(critic.state_dict())
+    critic_adam_before = [optimizer.state[p]["exp_avg"].clone() for p in critic.parameters()]
+    rms_before = rms.state_dict()
+    trunk_before = copy.deepcopy(policy.trunk.state_dict())
+
+    gorl_ppo.reset_latent_policy(policy, optimizer)
+
+    mu, sigma = policy(torch.randn(256, obs_dim) * 10)
+    assert torch.equal(mu, torch.zeros_like(mu)) and torch.equal(sigma, torch.ones_like(sigma))
+    assert all(p not in optimizer.state for p in policy.head_parameters())  # fresh moments
+    for k, v in critic.state_dict().items():
+        assert torch.equal(v, critic_before[k])
+    for p, m in zip(critic.parameters(), critic_adam_before):
+        assert torch.equal(optimizer.state[p]["exp_avg"], m)
+    for k, v in policy.trunk.state_dict().items():
+        assert torch.equal(v, trunk_before[k])
+    assert np.array_equal(rms.mean, rms_before["mean"]) and np.array_equal(rms.var, rms_before["var"])
+
+
+def test_stage_iterations_split_the_budget():
+    args = gorl_ppo.Args(num_stages=3, num_iterations=10)
+    assert gorl_ppo.stage_iterations(args) == [3, 4, 3]
+    args = gorl_ppo.Args(num_stages=2, stage_fractions=(2.0, 1.0), num_iterations=30)
+    assert gorl_ppo.stage_iterations(args) == [20, 10]
+
+
+def test_running_mean_std_is_exact():
+    rng = np.random.default_rng(0)
+    data = rng.normal(5.0, 3.0, (1000, 4))
+    rms = common.RunningMeanStd((4,))
+    for chunk in np.array_split(data, 37):
+        rms.update(chunk)
+    np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-10)
