@@ -50,6 +50,8 @@ def resolve_env_id(env_id: str) -> tuple[str, str | tuple[str, str]]:
     Accepted: short dm_control ids `domain-task` (`hopper-stand`, `ball_in_cup-catch`),
     shimmy-style ids `dm_control/domain-task-v0`, and any registered gymnasium id.
     """
+    if env_id in gym.registry:  # checked first: gymnasium ids need no dm_control import
+        return "gym", env_id
     tasks = _dmc_tasks()
     name = env_id
     if name.startswith("dm_control/"):
@@ -60,8 +62,6 @@ def resolve_env_id(env_id: str) -> tuple[str, str | tuple[str, str]]:
         domain, task = name.split("-", 1)
         if (domain, task) in tasks:
             return "dmc", (domain, task)
-    if env_id in gym.registry:
-        return "gym", env_id
     known = [f"{d}-{t}" for d, t in tasks] + [k for k in gym.registry if "/" not in k]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else ""

@@ -97,8 +97,9 @@ def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser(
 
 
 def test_stage_iterations_split_the_budget():
-    args = gorl_ppo.Args(num_stages=3, num_iterations=10)
-    assert gorl_ppo.stage_iterations(args) == [3, 4, 3]
+    args = gorl_ppo.Args(num_stages=3, num_iterations=12, first_stage_fraction=0.5)
+    assert gorl_ppo.stage_iterations(args) == [6, 3, 3]
+    assert gorl_ppo.stage_iterations(gorl_ppo.Args(num_stages=1, num_iterations=7)) == [7]
     args = gorl_ppo.Args(num_stages=2, stage_fractions=(2.0, 1.0), num_iterations=30)
     assert gorl_ppo.stage_iterations(args) == [20, 10]
 
