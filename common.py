@@ -19,6 +19,14 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
+    # Headless: pick a renderer that exists, so dm_control does not try (and warn about) GLFW.
+    import ctypes.util
+
+    os.environ["MUJOCO_GL"] = next(
+        (gl for gl, lib in (("egl", "EGL"), ("osmesa", "OSMesa")) if ctypes.util.find_library(lib)), "disable"
+    )
+
 # ----------------------------------------------------------------------------------------------
 # Errors for bad input: one line on stderr, non-zero exit, no traceback.
 # ----------------------------------------------------------------------------------------------

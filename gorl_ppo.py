@@ -126,7 +126,14 @@ class Args:
     euler_steps: int = 10
     """N: Euler steps from t = 1 (noise) to t = 0 (action)"""
     decoder_data_steps: int = 65536
-    """refit on the latest this-many env steps of the current composite policy (spec §7: stale data hurts)"""
+    """refit on the states of the latest this-many env steps; keep it >= num_envs x episode length: the envs
+    run in lockstep, so a shorter window misses whole phases of the episode (e.g. its start)"""
+    decoder_fresh_steps: int = 0
+    """if > 0: at each boundary collect this many env steps with the frozen composite policy and refit on
+    them alone (exactly on-policy; the steps count in the budget) instead of the latest training data"""
+    decoder_targets: Literal["executed", "resampled"] = "resampled"
+    """'executed': the pre-tanh u actually executed; 'resampled': fresh u ~ current composite policy at the
+    stored states, drawn anew at every decoder step (same distribution, far more samples per state)"""
     decoder_train_steps: int = 2000
     """Adam steps per decoder refit"""
     decoder_batch_size: int = 256
@@ -156,7 +163,9 @@ class Args:
     minibatch_size: int = 0
     """(derived) batch_size // num_minibatches"""
     num_iterations: int = 0
-    """(derived) total_timesteps // batch_size"""
+    """(derived) PPO iterations: total_timesteps // batch_size, less the fresh decoder-data rollouts"""
+    fresh_iterations: int = 0
+    """(derived) rollouts collected for each refit when --decoder-fresh-steps > 0"""
 
 
 # ---- networks ----
@@ -298,30 +307,35 @@ def flow_matching_loss(decoder: FlowDecoder, s_norm, u, draws: int, generator=No
     return (decoder.velocity(s_norm, x_t, t) - (eps - u)).pow(2).mean()
 
 
-def fit_decoder(obs: torch.Tensor, u: torch.Tensor, obs_rms: common.RunningMeanStd, args: Args,
-                obs_dim: int, act_dim: int, device) -> tuple[FlowDecoder, dict]:
-    """Fit a fresh decoder on (raw obs, u) pairs; keep the weights with the best validation loss."""
+def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device) -> tuple[FlowDecoder, dict]:
+    """Fit a fresh decoder on raw obs (M, obs_dim) and targets: a tensor u (M, d) of executed pre-tanh
+    actions, or a function idx -> u drawing fresh actions of the composite policy at obs[idx].
+    Keeps the weights with the best validation loss."""
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
-    decoder.obs_mean.copy_(torch.as_tensor(obs_rms.mean, dtype=torch.float32))
-    decoder.obs_var.copy_(torch.as_tensor(obs_rms.var, dtype=torch.float32))
+    # Normalise with the statistics of the refit data itself, frozen from now on (spec §3): late
+    # in training the visited states can fill a small corner of the running statistics' range.
+    decoder.obs_mean.copy_(obs.mean(0))
+    decoder.obs_var.copy_(obs.var(0))
     decoder.is_identity.fill_(False)
     s_norm = decoder.normalize(obs)
-    u = u.clamp(-args.u_clip, args.u_clip)
-    perm = torch.randperm(len(u), device=device)
-    n_val = max(1, int(args.decoder_val_fraction * len(u)))
+    draw = targets if callable(targets) else (lambda idx: targets[idx])
+    perm = torch.randperm(len(obs), device=device)
+    n_val = max(1, int(args.decoder_val_fraction * len(obs)))
     val, train = perm[:n_val], perm[n_val:]
+    u_val = draw(val).clamp(-args.u_clip, args.u_clip)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
     val_gen = torch.Generator(device=device)
 
     def val_loss() -> float:
         val_gen.manual_seed(0)  # the same (eps, t) draws at every check, so checks are comparable
         with torch.no_grad():
-            return flow_matching_loss(decoder, s_norm[val], u[val], args.decoder_noise_draws, val_gen).item()
+            return flow_matching_loss(decoder, s_norm[val], u_val, args.decoder_noise_draws, val_gen).item()
 
     best, best_state, train_loss = float("inf"), None, float("nan")
     for step in range(1, args.decoder_train_steps + 1):
         idx = train[torch.randint(len(train), (args.decoder_batch_size,), device=device)]
-        loss = flow_matching_loss(decoder, s_norm[idx], u[idx], args.decoder_noise_draws)
+        u = draw(idx).clamp(-args.u_clip, args.u_clip)
+        loss = flow_matching_loss(decoder, s_norm[idx], u, args.decoder_noise_draws)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -331,7 +345,7 @@ def fit_decoder(obs: torch.Tensor, u: torch.Tensor, obs_rms: common.RunningMeanS
             if current < best:
                 best, best_state = current, copy.deepcopy(decoder.state_dict())
     decoder.load_state_dict(best_state)
-    return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(u)}
+    return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
 
 
 @torch.no_grad()
@@ -415,11 +429,13 @@ def validate(args: Args) -> None:
         raise E(f"--first-stage-fraction must be in (0, 1), got {args.first_stage_fraction}")
     if not 0.0 < args.decoder_val_fraction < 1.0:
         raise E(f"--decoder-val-fraction must be in (0, 1), got {args.decoder_val_fraction}")
-    counts = stage_iterations(dataclasses.replace(args, num_iterations=args.total_timesteps // batch))
+    fresh = -(-args.decoder_fresh_steps // batch) * (args.num_stages - 1)
+    counts = stage_iterations(dataclasses.replace(args, num_iterations=args.total_timesteps // batch - fresh))
     if min(counts) < 1:
         raise E(f"--total-timesteps {args.total_timesteps} gives stage iterations {counts}: every stage needs at "
                 f"least one rollout of {batch} steps")
     common.resolve_backend(args.env_id, args.env_backend)  # raises on unknown ids and backends
+    common.make_env(args.env_id, seed=0)().close()  # raises on non-Box or unbounded action spaces
 
 
 def evaluate_checkpoint(args: Args) -> None:
@@ -456,7 +472,8 @@ if __name__ == "__main__":
         common.exit_on_usage_error(err)
     args.batch_size = args.num_envs * args.num_steps
     args.minibatch_size = args.batch_size // args.num_minibatches
-    args.num_iterations = args.total_timesteps // args.batch_size
+    args.fresh_iterations = -(-args.decoder_fresh_steps // args.batch_size)  # ceil
+    args.num_iterations = args.total_timesteps // args.batch_size - args.fresh_iterations * (args.num_stages - 1)
     iterations_per_stage = stage_iterations(args)
     run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
 
@@ -491,7 +508,8 @@ if __name__ == "__main__":
     b_raw_obs = torch.zeros((T, N, obs_dim), device=device)  # decoder refit data (raw obs, executed u)
     b_u = torch.zeros((T, N, act_dim), device=device)
     # The latest rollouts of the current composite policy, for the next decoder refit (spec §7).
-    refit_data: collections.deque = collections.deque(maxlen=max(1, -(-args.decoder_data_steps // args.batch_size)))
+    data_rollouts = args.fresh_iterations or -(-args.decoder_data_steps // args.batch_size)
+    refit_data: collections.deque = collections.deque(maxlen=data_rollouts)
 
     global_step, iteration, next_eval = 0, 0, 0
     last_eval = float("nan")
@@ -522,8 +540,13 @@ if __name__ == "__main__":
         clip_coef = args.clip_coef if stage == 0 or args.clip_coef_late is None else args.clip_coef_late
 
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
-        for _ in range(iterations_per_stage[stage]):
-            iteration += 1
+        fresh = args.fresh_iterations if stage < args.num_stages - 1 else 0
+        for it in range(iterations_per_stage[stage] + fresh):
+            # The last `fresh` rollouts only gather refit data (Phase 2) with the policy frozen.
+            collect_only = it >= iterations_per_stage[stage]
+            if collect_only and it == iterations_per_stage[stage]:
+                refit_data.clear()
+            iteration += 0 if collect_only else 1
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
@@ -567,6 +590,9 @@ if __name__ == "__main__":
             advantages, returns = compute_gae(b_rewards, b_values, b_next_values, b_terminated, b_dones,
                                               args.gamma, args.gae_lambda)
             refit_data.append((b_raw_obs.reshape(-1, obs_dim).clone(), b_u.reshape(-1, act_dim).clone()))
+            if collect_only:
+                pbar.update(args.batch_size)
+                continue
 
             # PPO update in latent space: the ratio is over eps, so no tanh/decoder Jacobian is needed.
             f_obs, f_eps, f_logp = b_obs.reshape(-1, obs_dim), b_eps.reshape(-1, act_dim), b_logp.reshape(-1)
@@ -631,7 +657,16 @@ if __name__ == "__main__":
         before = run_eval("boundary_before", stage)
         data_obs = torch.cat([o for o, _ in refit_data])  # (M, obs_dim), raw
         data_u = torch.cat([u for _, u in refit_data])  # (M, d), executed pre-tanh actions
-        new_decoder, fit = fit_decoder(data_obs, data_u, obs_rms, args, obs_dim, act_dim, device)
+        targets = data_u
+        if args.decoder_targets == "resampled":
+            data_s = torch.as_tensor(obs_rms.normalize(data_obs.cpu().numpy()), device=device)
+
+            @torch.no_grad()
+            def targets(idx):  # u = g_old(s, mu + sigma * xi): the current composite policy at obs[idx]
+                mu, sigma = policy(data_s[idx])
+                return decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
+
+        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device)
         probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
         diagnostics = boundary_diagnostics(policy, decoder, new_decoder, obs_rms, probe)
 

@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # GoRL-PPO (default K=2, boundary at 2/3 of the budget) vs its Gaussian twin (--num-stages 1),
 # paired seeds, at CPU scale. Two runs at a time (one per core), one torch thread each.
-# Usage: bash benchmarks/ppo_twin.sh [OUT_DIR]   (results: OUT_DIR/runs/*/eval.csv)
+# Usage: bash benchmarks/ppo_twin.sh [OUT_DIR] [TASKS...]   (results: OUT_DIR/runs/*/eval.csv)
+# The code is copied to OUT_DIR/code first, so editing the repo does not change queued runs.
 set -euo pipefail
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-OUT="${1:-$ROOT/benchmarks/results/ppo_twin}"
-mkdir -p "$OUT"
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="$(realpath -m "${1:-$REPO/benchmarks/results/ppo_twin}")"
+shift || true
+TASKS=("$@")
+[ ${#TASKS[@]} -eq 0 ] && TASKS=("cheetah-run 1500000" "walker-walk 1500000" "hopper-stand 2000000")
+mkdir -p "$OUT/code"
+cp "$REPO/gorl_ppo.py" "$REPO/common.py" "$OUT/code/"
+(cd "$REPO" && git rev-parse HEAD > "$OUT/code/COMMIT" 2>/dev/null || true)
+ROOT="$OUT/code"
 cd "$OUT"
 jobs=()
-for env_steps in "hopper-stand 2000000" "cheetah-run 1500000" "walker-walk 1500000"; do
+for env_steps in "${TASKS[@]}"; do
   set -- $env_steps
   for seed in 1 2; do
     for stages in 2 1; do

@@ -45,7 +45,7 @@ def test_decoder_learns_a_bimodal_target_that_a_gaussian_cannot():
     u = torch.where(torch.rand(n, 1) < 0.5, -1.0, 1.0)  # every state: u = -1 or +1, 50/50
     rms = common.RunningMeanStd((obs_dim,))
     rms.update(obs.numpy())
-    decoder, fit = gorl_ppo.fit_decoder(obs, u, rms, _toy_args(), obs_dim, 1, torch.device("cpu"))
+    decoder, fit = gorl_ppo.fit_decoder(obs, u, _toy_args(), obs_dim, 1, torch.device("cpu"))
 
     states = torch.randn(4000, obs_dim)
     with torch.no_grad():
