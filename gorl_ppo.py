@@ -484,7 +484,8 @@ if __name__ == "__main__":
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]  # latent dim = action dim (spec §1)
     logger = common.RunLogger(run_name, args, args.track, args.wandb_project_name, args.wandb_entity)
-    print(f"run directory: {logger.run_dir}; stage iterations {iterations_per_stage} x {args.batch_size} steps")
+    print(f"run directory: {logger.run_dir}; device {device}; stage iterations {iterations_per_stage} "
+          f"x {args.batch_size} steps")
 
     activation = nn.Tanh if args.activation == "tanh" else nn.SiLU
     policy = LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, activation).to(device)

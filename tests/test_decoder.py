@@ -42,10 +42,11 @@ def test_decoder_learns_a_bimodal_target_that_a_gaussian_cannot():
     torch.manual_seed(0)
     n, obs_dim = 4000, 3
     obs = torch.randn(n, obs_dim)
-    u = torch.where(torch.rand(n, 1) < 0.5, -1.0, 1.0)  # every state: u = -1 or +1, 50/50
-    rms = common.RunningMeanStd((obs_dim,))
-    rms.update(obs.numpy())
-    decoder, fit = gorl_ppo.fit_decoder(obs, u, _toy_args(), obs_dim, 1, torch.device("cpu"))
+
+    def targets(idx):  # every state: u = -1 or +1, 50/50, drawn anew at each call (resampled targets)
+        return torch.where(torch.rand(len(idx), 1) < 0.5, -1.0, 1.0)
+
+    decoder, fit = gorl_ppo.fit_decoder(obs, targets, _toy_args(), obs_dim, 1, torch.device("cpu"))
 
     states = torch.randn(4000, obs_dim)
     with torch.no_grad():
@@ -56,6 +57,7 @@ def test_decoder_learns_a_bimodal_target_that_a_gaussian_cannot():
     assert frac_mid < 0.10, frac_mid
     # The criterion is not trivially met: the best Gaussian fit to the same data, N(0, 1),
     # puts ~24% of its mass in |u| < 0.3.
+    u = targets(torch.arange(n))
     gaussian = np.random.default_rng(0).normal(u.mean().item(), u.std().item(), 4000)
     assert np.mean(np.abs(gaussian) < 0.3) > 0.10
 
@@ -68,3 +70,17 @@ def test_flow_matching_noise_is_fresh_and_loss_is_the_cfm_objective():
     u = torch.full((20000, 2), 2.0)
     loss = gorl_ppo.flow_matching_loss(decoder, torch.zeros(20000, 2), u, draws=1)
     assert abs(loss.item() - 5.0) < 0.1
+
+
+def test_fit_on_executed_actions_keeps_the_best_validation_weights():
+    torch.manual_seed(0)
+    obs = torch.randn(512, 2)
+    u = obs[:, :1] * 2.0  # deterministic target u = 2 s_0
+    args = _toy_args(decoder_train_steps=300, decoder_val_every=50)
+    decoder, fit = gorl_ppo.fit_decoder(obs, u, args, 2, 1, torch.device("cpu"))
+    assert not bool(decoder.is_identity)
+    assert fit["pairs"] == 512 and np.isfinite(fit["val_loss"])
+    # the decoder statistics are those of the refit data, frozen with it
+    torch.testing.assert_close(decoder.obs_mean, obs.mean(0))
+    # the best validation loss is what the returned weights give on the validation draws
+    assert fit["val_loss"] < 1.5  # a zero network scores 1 + E[u^2] = 5 per dim
