@@ -658,18 +658,18 @@ if __name__ == "__main__":
         before = run_eval("boundary_before", stage)
         data_obs = torch.cat([o for o, _ in refit_data])  # (M, obs_dim), raw
         data_u = torch.cat([u for _, u in refit_data])  # (M, d), executed pre-tanh actions
-        targets = data_u
+        targets, old_decoder = data_u, decoder
         if args.decoder_targets == "resampled":
             data_s = torch.as_tensor(obs_rms.normalize(data_obs.cpu().numpy()), device=device)
 
             @torch.no_grad()
             def targets(idx):  # u = g_old(s, mu + sigma * xi): the current composite policy at obs[idx]
                 mu, sigma = policy(data_s[idx])
-                return decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
+                return old_decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
 
         new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device)
         probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
-        diagnostics = boundary_diagnostics(policy, decoder, new_decoder, obs_rms, probe)
+        diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe)
 
         # ---- Stage boundary: latent policy reset to N(0, I); critic and obs statistics kept ----
         reset_latent_policy(policy, optimizer)
