@@ -187,13 +187,13 @@ class EnvPoolVectorEnv:
     autoreset mode: a finished episode's last observation is in infos["final_obs"] and the
     returned observation is already the next episode's first one."""
 
-    def __init__(self, env_id: str, num_envs: int, seed: int):
+    def __init__(self, env_id: str, num_envs: int, seed: int, num_threads: int = 1):
         import envpool
 
         domain, task = resolve_env_id(env_id)[1]
         self.num_envs = num_envs
         self._pool = envpool.make_gymnasium(
-            envpool_task_id(env_id), num_envs=num_envs, seed=seed, num_threads=1
+            envpool_task_id(env_id), num_envs=num_envs, seed=seed, num_threads=num_threads
         )
         # Flatten the observation dict in dm_control's own key order, as DMCEnv does.
         self._keys = list(DMCEnv(domain, task).observation_spec_keys())
@@ -244,13 +244,14 @@ class SyncVectorEnv(gym.vector.SyncVectorEnv):
         return obs, reward, terminated, truncated, infos
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int, backend: str = "auto"):
+def make_vector_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", threads: int = 1):
     """`num_envs` envs stepped in this process, with SAME_STEP autoreset semantics (the true last
     observation of a finished episode is in infos["final_obs"], which the value bootstrap needs).
     dm_control tasks run on envpool where it has them; everything else on gymnasium's
-    SyncVectorEnv, which beat AsyncVectorEnv at every size on 2 cores (README)."""
+    SyncVectorEnv, which beat AsyncVectorEnv at every size on 2 cores (README). `threads` is the
+    number of simulator threads of the envpool backend."""
     if resolve_backend(env_id, backend) == "envpool":
-        return EnvPoolVectorEnv(env_id, num_envs, seed)
+        return EnvPoolVectorEnv(env_id, num_envs, seed, threads)
     return SyncVectorEnv([make_env(env_id, seed + i) for i in range(num_envs)])
 
 

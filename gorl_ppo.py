@@ -61,6 +61,8 @@ class Args:
     """dm_control 'domain-task', 'dm_control/domain-task-v0', or a gymnasium id with a Box action space"""
     env_backend: str = "auto"
     """auto (envpool where it has the dm_control task, else dm_control), envpool, or dm_control"""
+    env_threads: int = 1
+    """simulator threads of the envpool backend (2 uses the second core while the envs step)"""
     total_timesteps: int = 2_000_000
     """total env steps of training, all stages together"""
     num_envs: int = 64
@@ -408,7 +410,8 @@ def validate(args: Args) -> None:
     for name in ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "num_stages",
                  "decoder_hidden", "decoder_layers", "euler_steps", "decoder_data_steps", "decoder_train_steps",
                  "decoder_batch_size", "decoder_noise_draws", "decoder_val_every", "eval_interval",
-                 "eval_episodes", "policy_hidden", "policy_layers", "critic_hidden", "critic_layers", "torch_threads"):
+                 "eval_episodes", "policy_hidden", "policy_layers", "critic_hidden", "critic_layers", "torch_threads",
+                 "env_threads"):
         if getattr(args, name) <= 0:
             raise E(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_only:
@@ -480,7 +483,7 @@ if __name__ == "__main__":
     common.seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    envs = common.make_vector_env(args.env_id, args.num_envs, args.seed, args.env_backend)
+    envs = common.make_vector_env(args.env_id, args.num_envs, args.seed, args.env_backend, args.env_threads)
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]  # latent dim = action dim (spec §1)
     logger = common.RunLogger(run_name, args, args.track, args.wandb_project_name, args.wandb_entity)

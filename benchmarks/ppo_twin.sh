@@ -10,8 +10,10 @@ shift || true
 TASKS=("$@")
 [ ${#TASKS[@]} -eq 0 ] && TASKS=("cheetah-run 1500000" "walker-walk 1500000" "hopper-stand 2000000")
 mkdir -p "$OUT/code"
-cp "$REPO/gorl_ppo.py" "$REPO/common.py" "$OUT/code/"
-(cd "$REPO" && git rev-parse HEAD > "$OUT/code/COMMIT" 2>/dev/null || true)
+if [ -z "${REUSE_CODE:-}" ] || [ ! -f "$OUT/code/gorl_ppo.py" ]; then  # REUSE_CODE=1 keeps the frozen copy
+  cp "$REPO/gorl_ppo.py" "$REPO/common.py" "$OUT/code/"
+  (cd "$REPO" && git rev-parse HEAD > "$OUT/code/COMMIT" 2>/dev/null || true)
+fi
 ROOT="$OUT/code"
 cd "$OUT"
 jobs=()

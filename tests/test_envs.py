@@ -87,3 +87,16 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     common.save_checkpoint(str(other), {"script": "gorl_sac"})
     with pytest.raises(common.UsageError, match="written by gorl_sac.py"):
         common.load_checkpoint(str(other), "gorl_ppo")
+
+
+def test_envpool_threads_do_not_change_results():
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-1, 1, (50, 4, 6)).astype(np.float32)
+    runs = []
+    for threads in (1, 2):
+        envs = common.make_vector_env("cheetah-run", 4, seed=5, backend="envpool", threads=threads)
+        obs = [envs.reset()[0]]
+        obs += [envs.step(a)[0] for a in actions]
+        runs.append(np.stack(obs))
+        envs.close()
+    np.testing.assert_array_equal(runs[0], runs[1])
