@@ -144,6 +144,8 @@ class Args:
     """independent (eps, t) draws per pair and step"""
     decoder_lr: float = 3e-4
     """decoder Adam learning rate"""
+    decoder_cosine: bool = False
+    """decay the decoder learning rate to 0 along a cosine over the refit"""
     decoder_val_fraction: float = 0.1
     """share of the refit data held out; the best validation weights are kept"""
     decoder_val_every: int = 100
@@ -326,6 +328,8 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
     val, train = perm[:n_val], perm[n_val:]
     u_val = draw(val).clamp(-args.u_clip, args.u_clip)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (
+        1.0 + np.cos(np.pi * step / args.decoder_train_steps)) if args.decoder_cosine else 1.0)
     val_gen = torch.Generator(device=device)
 
     def val_loss() -> float:
@@ -341,6 +345,7 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         train_loss = 0.98 * train_loss + 0.02 * loss.item() if step > 1 else loss.item()
         if step % args.decoder_val_every == 0 or step == args.decoder_train_steps:
             current = val_loss()

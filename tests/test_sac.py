@@ -1,0 +1,135 @@
+"""gorl_sac.py: frozen decoder, Q targets, buffer, reset, and an end-to-end smoke run."""
+
+import copy
+import csv
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import torch
+
+import gorl_sac
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _nets(obs_dim=5, act_dim=2, hidden=32):
+    torch.manual_seed(0)
+    actor = gorl_sac.LatentActor(obs_dim, act_dim, hidden, 2)
+    qf = gorl_sac.TwinQ(obs_dim, act_dim, hidden, 2)
+    qf_target = copy.deepcopy(qf).requires_grad_(False)
+    # a refit (non-identity) decoder with random weights, frozen as the script freezes it
+    decoder = gorl_sac.FlowDecoder(obs_dim, act_dim, 16, 2, 10)
+    for p in decoder.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    decoder.is_identity.fill_(False)
+    decoder.requires_grad_(False)
+    return actor, qf, qf_target, decoder
+
+
+def _batch(obs_dim=5, act_dim=2, n=64, terminated=0.0, truncated=0.0):
+    g = torch.Generator().manual_seed(1)
+    return {"obs": torch.randn(n, obs_dim, generator=g), "next_obs": torch.randn(n, obs_dim, generator=g),
+            "action": torch.rand(n, act_dim, generator=g) * 2 - 1, "reward": torch.rand(n, generator=g),
+            "terminated": torch.full((n,), terminated), "truncated": torch.full((n,), truncated)}
+
+
+def test_decoder_is_bit_identical_across_critic_and_actor_updates_while_the_actor_changes():
+    actor, qf, qf_target, decoder = _nets()
+    q_opt, a_opt = torch.optim.Adam(qf.parameters(), 1e-3), torch.optim.Adam(actor.parameters(), 1e-3)
+    decoder_before = copy.deepcopy(decoder.state_dict())
+    actor_before = copy.deepcopy(actor.state_dict())
+    for _ in range(3):
+        gorl_sac.critic_update(_batch(), actor, decoder, qf, qf_target, q_opt, 0.2, 0.99)
+        gorl_sac.actor_update(_batch(), actor, decoder, qf, a_opt, 0.2, 1e-3)
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, decoder_before[k]), k
+    assert all(p.grad is None for p in decoder.parameters())
+    assert any(not torch.equal(v, actor_before[k]) for k, v in actor.state_dict().items())
+
+
+def test_actor_gradient_reaches_eps_through_the_decoder():
+    actor, qf, _, decoder = _nets()
+    obs = torch.randn(8, 5)
+    eps = torch.randn(8, 2, requires_grad=True)
+    qf(obs, torch.tanh(decoder(obs, eps))).sum().backward()
+    assert eps.grad is not None and eps.grad.abs().sum() > 0
+
+
+def test_q_target_bootstraps_on_truncation_but_not_on_termination():
+    actor, _, qf_target, decoder = _nets()
+    torch.manual_seed(0)
+    terminal = gorl_sac.q_target(_batch(terminated=1.0), actor, decoder, qf_target, 0.2, 0.99)
+    assert torch.equal(terminal, _batch()["reward"])
+    torch.manual_seed(0)
+    truncated = gorl_sac.q_target(_batch(truncated=1.0), actor, decoder, qf_target, 0.2, 0.99)
+    torch.manual_seed(0)
+    running = gorl_sac.q_target(_batch(), actor, decoder, qf_target, 0.2, 0.99)
+    assert torch.equal(truncated, running) and not torch.equal(truncated, terminal)
+
+
+def test_twin_critics_are_independent_networks_in_one_forward():
+    _, qf, _, _ = _nets()
+    q = qf(torch.randn(16, 5), torch.rand(16, 2))
+    assert q.shape == (2, 16) and not torch.allclose(q[0], q[1])
+
+
+def test_buffer_latest_is_time_ordered_and_survives_a_refit():
+    buffer = gorl_sac.ReplayBuffer(capacity=10, obs_dim=5, act_dim=2)
+    for step in range(13):  # wraps around
+        buffer.add(obs=np.full((1, 5), step, np.float32), next_obs=np.zeros((1, 5), np.float32),
+                   action=np.zeros((1, 2), np.float32), u=np.full((1, 2), step, np.float32),
+                   reward=np.zeros(1, np.float32), terminated=np.zeros(1), truncated=np.zeros(1))
+    assert buffer.size == 10
+    assert buffer.latest(4)["obs"][:, 0].tolist() == [9, 10, 11, 12]
+    before = {k: v.copy() for k, v in buffer.data.items()}
+    actor, _, _, decoder = _nets()
+    latest = buffer.latest(10)
+    obs = torch.as_tensor(latest["obs"])
+    args = gorl_sac.Args(decoder_train_steps=20, decoder_val_every=10, decoder_batch_size=8)
+    gorl_sac.fit_decoder(obs, lambda idx: gorl_sac.sample_action(actor, decoder, obs[idx])[1].detach(), args, 5, 2,
+                         torch.device("cpu"))
+    for k, v in buffer.data.items():
+        np.testing.assert_array_equal(v, before[k])
+
+
+def test_stage_reset_gives_exact_prior_and_fresh_actor_moments():
+    actor, qf, qf_target, decoder = _nets()
+    a_opt = torch.optim.Adam(actor.parameters(), 1e-2)
+    gorl_sac.actor_update(_batch(), actor, decoder, qf, a_opt, 0.2, 1e-3)
+    gorl_sac.reset_latent_actor(actor, a_opt)
+    mu, sigma = actor(torch.randn(128, 5) * 10)
+    assert torch.equal(mu, torch.zeros_like(mu)) and torch.equal(sigma, torch.ones_like(sigma))
+    assert all(p not in a_opt.state for p in actor.head_parameters())
+    assert all(p in a_opt.state for p in actor.trunk.parameters())
+
+
+def test_smoke_three_stages_and_checkpoint_round_trip(tmp_path):
+    env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
+    script = os.path.join(ROOT, "gorl_sac.py")
+    args = ["--env-id", "cartpole-balance", "--total-timesteps", "1500", "--learning-starts", "300",
+            "--num-stages", "3", "--batch-size", "32", "--hidden", "32", "--decoder-train-steps", "20",
+            "--decoder-val-every", "10", "--decoder-data-steps", "300", "--eval-episodes", "1",
+            "--eval-interval", "100000", "--updates-per-step", "0.5"]
+    result = subprocess.run([sys.executable, script, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    with open(os.path.join(run_dir, "eval.csv")) as f:
+        rows = list(csv.DictReader(f))
+    tags = [r["tag"] for r in rows]
+    assert tags.count("boundary_before") == 2 and tags.count("boundary_after") == 2 and tags[-1] == "final"
+    assert {r["stage"] for r in rows} == {"0", "1", "2"}
+    evaluated = subprocess.run([sys.executable, script, "--eval-only", "--checkpoint",
+                                os.path.join(run_dir, "checkpoint.pt"), "--eval-episodes", "1"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    mean = float(re.search(r"return (-?[\d.]+) \+-", evaluated.stdout).group(1))
+    assert abs(mean - float(rows[-1]["return_mean"])) < 1e-3
+    wrong = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_ppo.py"), "--eval-only", "--checkpoint",
+                            os.path.join(run_dir, "checkpoint.pt")], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert wrong.returncode == 2 and "written by gorl_sac.py, not gorl_ppo.py" in wrong.stderr
