@@ -118,14 +118,14 @@ class Args:
     """refit on the states of the latest this-many transitions of the buffer (the current policy's, spec §7)"""
     decoder_targets: Literal["executed", "resampled"] = "resampled"
     """'executed': the stored pre-tanh u; 'resampled': fresh u ~ current composite policy at the stored states"""
-    decoder_train_steps: int = 2000
-    """Adam steps per decoder refit"""
+    decoder_train_steps: int = 12000
+    """Adam steps per decoder refit (the PPO script's measured default)"""
     decoder_batch_size: int = 256
     """(s, u) pairs per decoder step"""
     decoder_noise_draws: int = 4
     """independent (eps, t) draws per pair and step"""
-    decoder_lr: float = 3e-4
-    """decoder Adam learning rate"""
+    decoder_lr: float = 1e-3
+    """decoder Adam learning rate, decayed to 0 along a cosine over the refit"""
     decoder_val_fraction: float = 0.1
     """share of the refit data held out; the best validation weights are kept"""
     decoder_val_every: int = 100
@@ -370,6 +370,8 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
     val, train = perm[:n_val], perm[n_val:]
     u_val = draw(val).clamp(-args.u_clip, args.u_clip)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + np.cos(np.pi * step / args.decoder_train_steps)))
     val_gen = torch.Generator(device=device)
     best, best_state, train_loss = float("inf"), None, float("nan")
     for step in range(1, args.decoder_train_steps + 1):
@@ -379,6 +381,7 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        schedule.step()
         train_loss = 0.98 * train_loss + 0.02 * loss.item() if step > 1 else loss.item()
         if step % args.decoder_val_every == 0 or step == args.decoder_train_steps:
             val_gen.manual_seed(0)  # the same (eps, t) draws at every check
