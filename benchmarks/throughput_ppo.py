@@ -1,6 +1,6 @@
 """Throughput of gorl_ppo.py against the raw simulator rate, measured in the same process.
 
-    python benchmarks/throughput_ppo.py [--env-id hopper-stand] [--total-timesteps 2000000]
+    python benchmarks/throughput_ppo.py [--env-id hopper-stand] [--total-timesteps 2000000] [gorl_ppo flags]
 
 1. raw env rate: the same vector env gorl_ppo.py uses (envpool backend, --num-envs envs), random
    actions, no policy; 2. a whole gorl_ppo.py training run with default settings (decoder refit and
@@ -25,7 +25,7 @@ parser.add_argument("--env-id", default="hopper-stand")
 parser.add_argument("--num-envs", type=int, default=64, help="gorl_ppo.py's default")
 parser.add_argument("--total-timesteps", type=int, default=2_000_000, help="gorl_ppo.py's default")
 parser.add_argument("--raw-steps", type=int, default=200_000)
-cli = parser.parse_args()
+cli, extra = parser.parse_known_args()  # unknown flags are passed on to gorl_ppo.py
 
 envs = common.make_vector_env(cli.env_id, cli.num_envs, seed=0)
 envs.reset(seed=0)
@@ -38,7 +38,7 @@ raw_rate = steps / (time.time() - start)
 envs.close()
 
 cmd = [sys.executable, os.path.join(ROOT, "gorl_ppo.py"), "--env-id", cli.env_id,
-       "--total-timesteps", str(cli.total_timesteps), "--exp-name", "throughput"]
+       "--total-timesteps", str(cli.total_timesteps), "--exp-name", "throughput", *extra]
 start = time.time()
 out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, GORL_NO_PROGRESS="1"))
 wall = time.time() - start
