@@ -644,7 +644,7 @@ if __name__ == "__main__":
                 "losses/explained_variance": explained_var.item(),
                 "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
                 "charts/env_time_fraction": env_time / (time.time() - start_time), "charts/stage": stage,
-                "charts/latent_mu_abs": f_eps.abs().mean().item(), "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
+                "charts/latent_mu_abs": mu.abs().mean().item(), "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
                 "charts/action_abs": torch.tanh(b_u).abs().mean().item(),
             }.items():
                 logger.scalar(name, value, global_step)
