@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import csv
 import difflib
+import importlib
 import os
 import random
+import re
+import signal
 import sys
 import time
 from typing import Callable
@@ -56,8 +59,18 @@ def resolve_env_id(env_id: str) -> tuple[str, str | tuple[str, str]]:
     """Map a user env id to ("dmc", (domain, task)) or ("gym", gym_id).
 
     Accepted: short dm_control ids `domain-task` (`hopper-stand`, `ball_in_cup-catch`),
-    shimmy-style ids `dm_control/domain-task-v0`, and any registered gymnasium id.
+    shimmy-style ids `dm_control/domain-task-v0`, any registered gymnasium id, and
+    `module:EnvId-v0` (gymnasium's form for an env registered when `module` is imported).
     """
+    if ":" in env_id:  # gymnasium's "module:EnvId-v0": import the module that registers the env
+        module, name = env_id.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise UsageError(f"--env-id {env_id!r}: cannot import module {module!r} ({err})") from None
+        if name not in gym.registry:
+            raise UsageError(f"--env-id {env_id!r}: importing {module!r} did not register {name!r}")
+        return "gym", name
     if env_id in gym.registry:  # checked first: gymnasium ids need no dm_control import
         return "gym", env_id
     tasks = _dmc_tasks()
@@ -181,6 +194,46 @@ def resolve_backend(env_id: str, backend: str) -> str:
     return backend
 
 
+class EpisodeLog:
+    """Enough to rebuild every env's exact state: how often each env was reset, and the actions it
+    took since its last reset (at most one episode). Reset randomness comes from each env's own
+    RNG, which advances once per reset, so replaying the resets and then the actions into freshly
+    built envs reproduces the simulator state bit for bit. This is how --resume continues episodes
+    mid-way: envpool cannot save its state, and pickling MuJoCo is not portable."""
+
+    def __init__(self, num_envs: int):
+        self.resets = np.zeros(num_envs, np.int64)
+        self.start = np.zeros(num_envs, np.int64)  # index into history where env i's episode began
+        self.history: list[np.ndarray] = []  # one (num_envs, act_dim) array per vector step
+
+    def on_reset(self, ids) -> None:
+        self.resets[ids] += 1
+        self.start[ids] = len(self.history)
+        drop = int(self.start.min())  # steps no running episode needs any more
+        if drop:
+            del self.history[:drop]
+            self.start -= drop
+
+    def on_step(self, actions: np.ndarray) -> None:
+        self.history.append(np.array(actions, copy=True))
+
+    def state_dict(self) -> dict:
+        return {"resets": self.resets.copy(), "start": self.start.copy(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resets[:], self.start[:], self.history = state["resets"], state["start"], list(state["history"])
+
+    @staticmethod
+    def replay_plan(state: dict):
+        """Yields ('reset', ids) and then ('step', ids, actions (len(ids), act_dim)) in replay order."""
+        resets, start, history = state["resets"], state["start"], state["history"]
+        for k in range(1, int(resets.max())):
+            yield "reset", np.flatnonzero(resets > k)
+        for j in range(int(start.min()), len(history)):
+            ids = np.flatnonzero(start <= j)
+            yield "step", ids, history[j][ids]
+
+
 class EnvPoolVectorEnv:
     """envpool's C++ implementation of a dm_control task (2-3x the step rate of the Python suite
     here, README "Why these choices"), presented like gymnasium's SyncVectorEnv in SAME_STEP
@@ -200,6 +253,7 @@ class EnvPoolVectorEnv:
         obs_dim = sum(int(np.prod(self._pool.observation_space[k].shape)) for k in self._keys)
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, self._pool.action_space.shape, np.float32)
+        self.episode_log = EpisodeLog(num_envs)
 
     def _flat(self, obs: dict) -> np.ndarray:
         n = len(obs[self._keys[0]])
@@ -208,9 +262,12 @@ class EnvPoolVectorEnv:
     def reset(self, seed: int | None = None):
         # envpool seeds env i with `seed + i` at construction; `seed` here is accepted for API parity.
         obs, _ = self._pool.reset()
+        self.episode_log = EpisodeLog(self.num_envs)
+        self.episode_log.on_reset(np.arange(self.num_envs))
         return self._flat(obs), {}
 
     def step(self, actions: np.ndarray):
+        self.episode_log.on_step(actions)
         obs, reward, terminated, truncated, _ = self._pool.step(np.asarray(actions, np.float64))
         obs = self._flat(obs)
         infos: dict = {}
@@ -221,7 +278,24 @@ class EnvPoolVectorEnv:
             infos["_final_obs"] = done
             first_obs, _ = self._pool.reset(ids)
             obs[ids] = self._flat(first_obs)
+            self.episode_log.on_reset(ids)
         return obs, reward.astype(np.float64), terminated.astype(bool), truncated.astype(bool), infos
+
+    def state_dict(self) -> dict:
+        return self.episode_log.state_dict()
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        """Bring freshly built envs to the saved state (EpisodeLog); returns the current observations."""
+        obs, _ = self.reset()
+        for kind, ids, *actions in EpisodeLog.replay_plan(state):
+            ids = ids.astype(np.int32)
+            if kind == "reset":
+                new, _ = self._pool.reset(ids)
+            else:
+                new, *_ = self._pool.step(np.asarray(actions[0], np.float64), ids)
+            obs[ids] = self._flat(new)
+        self.episode_log.load_state_dict(state)
+        return obs
 
     def close(self) -> None:
         self._pool.close()
@@ -233,15 +307,38 @@ class SyncVectorEnv(gym.vector.SyncVectorEnv):
 
     def __init__(self, env_fns):
         super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        self.episode_log = EpisodeLog(self.num_envs)
+        self._seed = None
+
+    def reset(self, *, seed=None, options=None):
+        self._seed = seed
+        self.episode_log = EpisodeLog(self.num_envs)
+        self.episode_log.on_reset(np.arange(self.num_envs))
+        return super().reset(seed=seed, options=options)
 
     def step(self, actions):
+        self.episode_log.on_step(actions)
         obs, reward, terminated, truncated, infos = super().step(actions)
         if "final_obs" in infos:
             done = infos["_final_obs"]
             dense = np.zeros_like(obs)
             dense[done] = np.stack(infos["final_obs"][done])
             infos["final_obs"] = dense
+            self.episode_log.on_reset(np.flatnonzero(done))
         return obs, reward, terminated, truncated, infos
+
+    def state_dict(self) -> dict:
+        return {**self.episode_log.state_dict(), "seed": self._seed}
+
+    def load_state_dict(self, state: dict) -> np.ndarray:
+        """Bring freshly built envs to the saved state (EpisodeLog); returns the current observations."""
+        obs, _ = self.reset(seed=state["seed"])
+        obs = np.array(obs)
+        for kind, ids, *actions in EpisodeLog.replay_plan(state):
+            for n, i in enumerate(ids):
+                obs[i] = self.envs[i].reset()[0] if kind == "reset" else self.envs[i].step(actions[0][n])[0]
+        self.episode_log.load_state_dict(state)
+        return obs
 
 
 def make_vector_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", threads: int = 1):
@@ -341,6 +438,22 @@ def record_video(env_id: str, act: Callable[[np.ndarray], np.ndarray], seed: int
     return total
 
 
+def check_render(env_id: str) -> None:
+    """Render one frame now, so a missing GL library fails before training with one line."""
+    env = make_env(env_id, seed=0)()
+    try:
+        frame = env.render()
+        if frame is None:
+            raise RuntimeError("render() returned no frame")
+    except Exception as err:
+        raise UsageError(
+            f"--capture-video: rendering {env_id!r} failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); install libegl1 (MUJOCO_GL=egl) "
+            "or libosmesa6 (MUJOCO_GL=osmesa)") from None
+    finally:
+        env.close()
+
+
 def write_video(path: str, frames: list[np.ndarray], fps: int = 50) -> None:
     import imageio.v2 as imageio
 
@@ -360,42 +473,79 @@ def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
     torch.backends.cudnn.deterministic = torch_deterministic
 
 
+def rng_state() -> dict:
+    """Every global RNG a run draws from, for checkpoints (resume continues the same random stream)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag"]
 
 
 class RunLogger:
-    """`runs/<run_name>/`: tensorboard events (mirrored to wandb with --track) and eval.csv."""
+    """`run_dir/`: tensorboard events (mirrored to wandb with --track) and eval.csv.
 
-    def __init__(self, run_name: str, args, track: bool, project: str, entity: str | None, root: str = "runs"):
+    On resume, `resume` = {"global_step", "eval_rows", "wall_time_s"} from the checkpoint: eval.csv is
+    cut back to the rows the checkpoint had seen and tensorboard drops the interrupted run's events
+    from `global_step` on (SummaryWriter's purge_step), so nothing is duplicated; wall time continues.
+    """
+
+    def __init__(self, run_dir: str, args, track: bool, project: str, entity: str | None,
+                 resume: dict | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.run_dir = os.path.join(root, run_name)
+        self.run_dir = run_dir
         os.makedirs(self.run_dir, exist_ok=True)
+        self.csv_path = os.path.join(self.run_dir, "eval.csv")
+        self.eval_rows = 0
+        if resume is not None:
+            self.eval_rows = resume["eval_rows"]
+            with open(self.csv_path, newline="") as f:
+                kept = f.readlines()[: 1 + self.eval_rows]
+            with open(self.csv_path + ".tmp", "w", newline="") as f:
+                f.writelines(kept)
+            os.replace(self.csv_path + ".tmp", self.csv_path)
         self.wandb = None
         if track:
-            self.wandb = _init_wandb(run_name, args, project, entity, self.run_dir)
-        self.writer = SummaryWriter(self.run_dir)
-        self.writer.add_text(
-            "hyperparameters",
-            "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items())),
-        )
-        self.csv_path = os.path.join(self.run_dir, "eval.csv")
+            self.wandb = _init_wandb(os.path.basename(os.path.normpath(run_dir)), args, project, entity, run_dir)
+        self.writer = SummaryWriter(self.run_dir, purge_step=resume["global_step"] if resume else None)
+        if resume is None:
+            self.writer.add_text(
+                "hyperparameters",
+                "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items())),
+            )
         new = not os.path.exists(self.csv_path)
         self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv = csv.writer(self._csv_file)
+        self._csv = csv.writer(self._csv_file, lineterminator="\n")
         if new:
             self._csv.writerow(EVAL_COLUMNS)
             self._csv_file.flush()
-        self.start_time = time.time()
+        self.start_time = time.time() - (resume["wall_time_s"] if resume else 0.0)
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, across interruptions."""
+        return time.time() - self.start_time
 
     def scalar(self, name: str, value: float, step: int) -> None:
         self.writer.add_scalar(name, float(value), step)
 
     def eval_row(self, global_step: int, stage: int, returns: np.ndarray, tag: str = "periodic") -> None:
         """tag: 'periodic', 'boundary_before', 'boundary_after' or 'final'."""
-        wall = time.time() - self.start_time
-        self._csv.writerow([global_step, stage, f"{returns.mean():.4f}", f"{returns.std():.4f}", f"{wall:.1f}", tag])
+        self._csv.writerow([global_step, stage, f"{returns.mean():.4f}", f"{returns.std():.4f}",
+                            f"{self.wall_time():.1f}", tag])
         self._csv_file.flush()
+        self.eval_rows += 1
+
+    def resume_state(self, global_step: int) -> dict:
+        return {"global_step": global_step, "eval_rows": self.eval_rows, "wall_time_s": self.wall_time()}
 
     def close(self) -> None:
         self.writer.close()
@@ -408,8 +558,10 @@ def _init_wandb(run_name, args, project, entity, run_dir):
     """wandb must never hang a run without network: a short init timeout, then offline mode."""
     import wandb
 
+    # The run id is derived from the run name, so a resumed run continues the same wandb run.
     kwargs = dict(project=project, entity=entity, name=run_name, config=vars(args), dir=run_dir,
-                  sync_tensorboard=True, save_code=True)
+                  sync_tensorboard=True, save_code=True, id=re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:],
+                  resume="allow")
     try:
         return wandb.init(settings=wandb.Settings(init_timeout=30), **kwargs)
     except Exception as err:  # no network / no login: keep the run, log locally
@@ -436,6 +588,65 @@ def load_checkpoint(path: str, script: str) -> dict:
     if payload["script"] != script:
         raise UsageError(f"checkpoint {path!r} was written by {payload['script']}.py, not {script}.py")
     return payload
+
+
+def load_resume(run_dir: str, script: str) -> dict:
+    """The checkpoint --resume continues from, with one-line errors for every way it can be wrong."""
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"--resume {run_dir!r}: no such run directory")
+    path = os.path.join(run_dir, "checkpoint.pt")
+    if not os.path.isfile(path):
+        raise UsageError(f"--resume {run_dir!r}: it holds no checkpoint.pt (the run saved none)")
+    ckpt = load_checkpoint(path, script)
+    if ckpt.get("finished"):
+        raise UsageError(f"--resume {run_dir!r}: the run already finished ({ckpt['global_step']} env steps)")
+    return ckpt
+
+
+class Interrupt:
+    """Ctrl-C and SIGTERM. The first one only records the signal: the training loop finishes the
+    current update, writes a checkpoint and exits with 128 + signal (130, 143). A second Ctrl-C
+    aborts at once without saving."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing the current update, then saving a checkpoint "
+              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def exit(self, script: str, run_dir: str, global_step: int, checkpoint: str) -> None:
+        """checkpoint: 'now' (just written), 'stage_end' (interrupted in a refit, which restarts) or
+        'none' (--no-save-model: nothing to resume from)."""
+        name = signal.Signals(self.signum).name
+        if checkpoint == "none":
+            print(f"interrupted by {name} at env step {global_step}; no checkpoint (--no-save-model)", flush=True)
+        else:
+            where = "the checkpoint just written" if checkpoint == "now" else \
+                "the stage-end checkpoint (the decoder refit restarts)"
+            print(f"interrupted by {name} at env step {global_step}; resume from {where} with:\n"
+                  f"    python {script}.py --resume {run_dir}", flush=True)
+        sys.exit(128 + self.signum)
+
+
+def first_nonfinite(named: dict) -> str | None:
+    """The name of the first value that holds a NaN or inf: a tensor/number, or a list of tensors
+    (parameters, checked through their norms in one fused call). None when all are finite."""
+    for name, value in named.items():
+        if isinstance(value, (list, tuple)):
+            value = torch.stack(torch._foreach_norm([v.detach() for v in value]))
+        if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            return name
+    return None
 
 
 def progress_bar(total: int, initial: int = 0):

@@ -48,13 +48,24 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """render one deterministic episode to runs/<run>/videos/ at the end of every stage (needs MUJOCO_GL=egl or osmesa)"""
+    """record a deterministic episode (env 0's seed) to <run>/videos/ every --video-interval env steps and at every
+    stage end; with --eval-only, the first evaluated episode. Headless: MUJOCO_GL=egl or osmesa"""
+    video_interval: int = 500_000
+    """env steps between training videos with --capture-video"""
     save_model: bool = True
-    """write runs/<run>/checkpoint.pt at every stage end"""
+    """write <run>/checkpoint.pt (everything --resume needs) every --checkpoint-interval env steps, at every stage
+    end, on Ctrl-C/SIGTERM and at the end"""
+    checkpoint_interval: int = 100_000
+    """env steps between checkpoints; bounds what a crash loses"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags
+    are ignored)"""
     eval_only: bool = False
-    """only evaluate --checkpoint: print mean and std of the deterministic return, then exit"""
+    """only evaluate --checkpoint over --eval-episodes episodes, print mean and std of the return, then exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    eval_stochastic: bool = False
+    """with --eval-only: sample the latent eps ~ pi(.|s) instead of taking its mean"""
 
     # ---- environment ----
     env_id: str = "hopper-stand"
@@ -312,10 +323,12 @@ def flow_matching_loss(decoder: FlowDecoder, s_norm, u, draws: int, generator=No
     return (decoder.velocity(s_norm, x_t, t) - (eps - u)).pow(2).mean()
 
 
-def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device) -> tuple[FlowDecoder, dict]:
+def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device,
+                stop=lambda: False) -> Optional[tuple[FlowDecoder, dict]]:
     """Fit a fresh decoder on raw obs (M, obs_dim) and targets: a tensor u (M, d) of executed pre-tanh
     actions, or a function idx -> u drawing fresh actions of the composite policy at obs[idx].
-    Keeps the weights with the best validation loss."""
+    Keeps the weights with the best validation loss. Returns None if `stop()` turns true (Ctrl-C),
+    and stops early with a NaN train loss if the loss stops being finite."""
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
     # Normalise with the statistics of the refit data itself, frozen from now on (spec §3): late
     # in training the visited states can fill a small corner of the running statistics' range.
@@ -348,11 +361,16 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
         optimizer.step()
         schedule.step()
         train_loss = 0.98 * train_loss + 0.02 * loss.item() if step > 1 else loss.item()
+        if not np.isfinite(train_loss):
+            break  # the caller stops the run, naming the decoder loss
         if step % args.decoder_val_every == 0 or step == args.decoder_train_steps:
+            if stop():
+                return None
             current = val_loss()
             if current < best:
                 best, best_state = current, copy.deepcopy(decoder.state_dict())
-    decoder.load_state_dict(best_state)
+    if best_state is not None:
+        decoder.load_state_dict(best_state)
     return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
 
 
@@ -376,14 +394,19 @@ def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, samples
     }
 
 
-def make_act(policy: LatentPolicy, decoder: FlowDecoder, obs_rms: common.RunningMeanStd, device):
-    """Deterministic composite policy a = tanh(g(s, mu(s))) with frozen observation statistics."""
+def make_act(policy: LatentPolicy, decoder: FlowDecoder, obs_rms: common.RunningMeanStd, device,
+             stochastic_seed: Optional[int] = None):
+    """Composite policy with frozen observation statistics: deterministic a = tanh(g(s, mu(s))), or,
+    given a seed, stochastic a = tanh(g(s, mu + sigma * xi)) drawn from its own generator (so
+    evaluating never moves the training random stream)."""
     frozen = obs_rms.copy()
+    generator = None if stochastic_seed is None else torch.Generator(device=device).manual_seed(stochastic_seed)
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
-        mu, _ = policy(torch.as_tensor(frozen.normalize(obs), device=device))
-        return torch.tanh(decoder(torch.as_tensor(obs, dtype=torch.float32, device=device), mu)).cpu().numpy()
+        mu, sigma = policy(torch.as_tensor(frozen.normalize(obs), device=device))
+        eps = mu if generator is None else mu + sigma * torch.randn(mu.shape, generator=generator, device=device)
+        return torch.tanh(decoder(torch.as_tensor(obs, dtype=torch.float32, device=device), eps)).cpu().numpy()
 
     return act
 
@@ -417,13 +440,15 @@ def validate(args: Args) -> None:
                  "decoder_hidden", "decoder_layers", "euler_steps", "decoder_data_steps", "decoder_train_steps",
                  "decoder_batch_size", "decoder_noise_draws", "decoder_val_every", "eval_interval",
                  "eval_episodes", "policy_hidden", "policy_layers", "critic_hidden", "critic_layers", "torch_threads",
-                 "env_threads"):
+                 "env_threads", "checkpoint_interval", "video_interval"):
         if getattr(args, name) <= 0:
             raise E(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_only:
         if args.checkpoint is None:
             raise E("--eval-only needs --checkpoint PATH")
         return
+    if args.eval_stochastic:
+        raise E("--eval-stochastic only applies with --eval-only")
     batch = args.num_envs * args.num_steps
     if batch % args.num_minibatches:
         raise E(f"rollout of {batch} transitions (--num-envs {args.num_envs} x --num-steps {args.num_steps}) "
@@ -445,17 +470,34 @@ def validate(args: Args) -> None:
                 f"least one rollout of {batch} steps")
     common.resolve_backend(args.env_id, args.env_backend)  # raises on unknown ids and backends
     common.make_env(args.env_id, seed=0)().close()  # raises on non-Box or unbounded action spaces
+    if args.capture_video:
+        common.check_render(args.env_id)
+
+
+def saved_args(ckpt: dict) -> Args:
+    return Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
 
 
 def evaluate_checkpoint(args: Args) -> None:
+    """--eval-only: the checkpoint's policy, decoder and observation statistics on fresh eval envs."""
     ckpt = common.load_checkpoint(args.checkpoint, "gorl_ppo")
-    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    saved = saved_args(ckpt)
+    if args.capture_video:
+        common.check_render(saved.env_id)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     policy, decoder, obs_rms = build_from_checkpoint(ckpt, saved, device)
-    returns = common.evaluate(saved.env_id, make_act(policy, decoder, obs_rms, device),
+    seed = args.eval_seed if args.eval_stochastic else None
+    returns = common.evaluate(saved.env_id, make_act(policy, decoder, obs_rms, device, seed),
                               args.eval_episodes, args.eval_seed, saved.env_backend)
-    print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: "
+    mode = "stochastic" if args.eval_stochastic else "deterministic"
+    print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: {mode} "
           f"return {returns.mean():.4f} +- {returns.std():.4f} over {len(returns)} episodes")
+    if args.capture_video:
+        path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
+                            f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
+        # The first eval episode's seed: in deterministic mode the video replays that episode exactly.
+        ret = common.record_video(saved.env_id, make_act(policy, decoder, obs_rms, device, seed), args.eval_seed, path)
+        print(f"video: {path} (return {ret:.4f})")
 
 
 def build_from_checkpoint(ckpt: dict, args: Args, device):
@@ -472,19 +514,30 @@ def build_from_checkpoint(ckpt: dict, args: Args, device):
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    ckpt = None
     try:
-        validate(args)
+        if args.resume:  # every other flag is ignored: the run continues with the arguments it started with
+            if args.eval_only:
+                raise common.UsageError("--resume continues training; evaluate with --eval-only --checkpoint "
+                                        f"{os.path.join(args.resume, 'checkpoint.pt')}")
+            ckpt = common.load_resume(args.resume, "gorl_ppo")
+        else:
+            validate(args)
         if args.eval_only:
             evaluate_checkpoint(args)
             sys.exit(0)
     except common.UsageError as err:
         common.exit_on_usage_error(err)
-    args.batch_size = args.num_envs * args.num_steps
-    args.minibatch_size = args.batch_size // args.num_minibatches
-    args.fresh_iterations = -(-args.decoder_fresh_steps // args.batch_size)  # ceil
-    args.num_iterations = args.total_timesteps // args.batch_size - args.fresh_iterations * (args.num_stages - 1)
+    if ckpt is None:
+        args.batch_size = args.num_envs * args.num_steps
+        args.minibatch_size = args.batch_size // args.num_minibatches
+        args.fresh_iterations = -(-args.decoder_fresh_steps // args.batch_size)  # ceil
+        args.num_iterations = args.total_timesteps // args.batch_size - args.fresh_iterations * (args.num_stages - 1)
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
+    else:
+        run_dir, args = args.resume, saved_args(ckpt)
     iterations_per_stage = stage_iterations(args)
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
 
     common.seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
@@ -492,9 +545,9 @@ if __name__ == "__main__":
     envs = common.make_vector_env(args.env_id, args.num_envs, args.seed, args.env_backend, args.env_threads)
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]  # latent dim = action dim (spec §1)
-    logger = common.RunLogger(run_name, args, args.track, args.wandb_project_name, args.wandb_entity)
-    print(f"run directory: {logger.run_dir}; device {device}; stage iterations {iterations_per_stage} "
-          f"x {args.batch_size} steps")
+    logger = common.RunLogger(run_dir, args, args.track, args.wandb_project_name, args.wandb_entity,
+                              resume=ckpt["logger"] if ckpt else None)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     activation = nn.Tanh if args.activation == "tanh" else nn.SiLU
     policy = LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, activation).to(device)
@@ -521,13 +574,35 @@ if __name__ == "__main__":
     data_rollouts = args.fresh_iterations or -(-args.decoder_data_steps // args.batch_size)
     refit_data: collections.deque = collections.deque(maxlen=data_rollouts)
 
-    global_step, iteration, next_eval = 0, 0, 0
-    last_eval = float("nan")
-    episode_return, episode_length = np.zeros(N), np.zeros(N, dtype=int)
-    next_obs_raw, _ = envs.reset(seed=args.seed)
-    start_time = time.time()
-    env_time = 0.0
-    pbar = common.progress_bar(args.total_timesteps)
+    # Everything the loop carries from one rollout to the next; a checkpoint saves it whole.
+    loop = {"global_step": 0, "iteration": 0, "stage": 0, "stage_rollouts": 0, "next_eval": 0,
+            "next_video": args.video_interval, "next_checkpoint": args.checkpoint_interval, "last_eval": float("nan"),
+            "episode_return": np.zeros(N), "episode_length": np.zeros(N, dtype=int), "env_time": 0.0}
+    if ckpt is None:
+        next_obs_raw, _ = envs.reset(seed=args.seed)
+        print(f"run directory: {run_dir}; device {device}; stage iterations {iterations_per_stage} "
+              f"x {args.batch_size} steps")
+    else:  # ---- resume: restore every piece of state, then replay the envs to the same step ----
+        policy.load_state_dict(ckpt["policy"])
+        critic.load_state_dict(ckpt["critic"])
+        decoder.load_state_dict(ckpt["decoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        obs_rms.load_state_dict(ckpt["obs_rms"])
+        refit_data.extend(ckpt["refit_data"])
+        loop = ckpt["loop"]
+        next_obs_raw = envs.load_state_dict(ckpt["envs"])
+        if not np.array_equal(next_obs_raw, loop["next_obs_raw"]):
+            print("warning: replaying the envs did not reproduce the saved observations (another machine or library "
+                  "version?); the episodes in progress continue from the replayed state", file=sys.stderr)
+        common.set_rng_state(ckpt["rng"])
+        print(f"resuming {run_dir} at env step {loop['global_step']} (stage {loop['stage']})")
+    global_step, iteration, stage, stage_rollouts = (loop[k] for k in ("global_step", "iteration", "stage",
+                                                                        "stage_rollouts"))
+    next_eval, next_video, next_checkpoint, last_eval = (loop[k] for k in ("next_eval", "next_video",
+                                                                            "next_checkpoint", "last_eval"))
+    episode_return, episode_length, env_time = loop["episode_return"], loop["episode_length"], loop["env_time"]
+    pbar = common.progress_bar(args.total_timesteps, initial=global_step)
+    interrupt = common.Interrupt()
 
     def run_eval(tag: str, stage: int) -> np.ndarray:
         returns = common.evaluate(args.env_id, make_act(policy, decoder, obs_rms, device), args.eval_episodes,
@@ -538,72 +613,151 @@ if __name__ == "__main__":
             logger.scalar("eval/return_std", returns.std(), global_step)
         return returns
 
-    def save(stage: int) -> None:
-        if args.save_model:
-            common.save_checkpoint(os.path.join(logger.run_dir, "checkpoint.pt"), {
-                "script": "gorl_ppo", "args": vars(args), "global_step": global_step, "stage": stage,
-                "obs_dim": obs_dim, "act_dim": act_dim, "policy": policy.state_dict(), "critic": critic.state_dict(),
-                "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
-            })
+    def record_video(name: str) -> None:
+        common.record_video(args.env_id, make_act(policy, decoder, obs_rms, device), args.seed,
+                            os.path.join(run_dir, "videos", f"{name}_step{global_step}.mp4"))
 
-    for stage in range(args.num_stages):
-        clip_coef = args.clip_coef if stage == 0 or args.clip_coef_late is None else args.clip_coef_late
+    def save(finished: bool = False) -> bool:
+        """Atomic checkpoint of everything --resume needs (and --eval-only reads)."""
+        if not args.save_model:
+            return False
+        loop.update(global_step=global_step, iteration=iteration, stage=stage, stage_rollouts=stage_rollouts,
+                    next_eval=next_eval, next_video=next_video, next_checkpoint=next_checkpoint, last_eval=last_eval,
+                    episode_return=episode_return, episode_length=episode_length, env_time=env_time,
+                    next_obs_raw=next_obs_raw)
+        common.save_checkpoint(checkpoint_path, {
+            "script": "gorl_ppo", "args": vars(args), "global_step": global_step, "stage": stage, "finished": finished,
+            "obs_dim": obs_dim, "act_dim": act_dim, "policy": policy.state_dict(), "critic": critic.state_dict(),
+            "decoder": decoder.state_dict(), "optimizer": optimizer.state_dict(), "obs_rms": obs_rms.state_dict(),
+            "refit_data": list(refit_data), "loop": loop, "envs": envs.state_dict(), "rng": common.rng_state(),
+            "logger": logger.resume_state(global_step),
+        })
+        return True
+
+    def stop_nonfinite(name: str) -> None:
+        """Stop at once, naming what broke; the last checkpoint (written before this update) stays."""
+        kept = f"the last good checkpoint {checkpoint_path} stays" if os.path.exists(checkpoint_path) else \
+            "no checkpoint was written yet"
+        print(f"error: non-finite {name} at stage {stage}, env step {global_step}; stopped ({kept})", file=sys.stderr)
+        pbar.close()
+        envs.close()
+        logger.close()
+        sys.exit(1)
+
+    while True:
+        rollouts_this_stage = iterations_per_stage[stage] + (args.fresh_iterations if stage < args.num_stages - 1 else 0)
+        if stage_rollouts == rollouts_this_stage:
+            # ---- End of a stage: checkpoint (the resume point if Phase 2 is interrupted) ----
+            if args.capture_video:
+                record_video(f"stage{stage}_end")
+            save()
+            if stage == args.num_stages - 1:
+                break
+
+            # ---- Phase 2: decoder refit on the latest on-policy (s, u) pairs ----
+            fit_start = time.time()
+            before = run_eval("boundary_before", stage)
+            data_obs = torch.cat([o for o, _ in refit_data])  # (M, obs_dim), raw
+            data_u = torch.cat([u for _, u in refit_data])  # (M, d), executed pre-tanh actions
+            targets, old_decoder = data_u, decoder
+            if args.decoder_targets == "resampled":
+                data_s = torch.as_tensor(obs_rms.normalize(data_obs.cpu().numpy()), device=device)
+
+                @torch.no_grad()
+                def targets(idx):  # u = g_old(s, mu + sigma * xi): the current composite policy at obs[idx]
+                    mu, sigma = policy(data_s[idx])
+                    return old_decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
+
+            refit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, stop=lambda: interrupt.requested)
+            if refit is None:  # Ctrl-C / SIGTERM: the refit restarts from the stage-end checkpoint on resume
+                pbar.close()
+                interrupt.exit("gorl_ppo", run_dir, global_step, "stage_end" if args.save_model else "none")
+            new_decoder, fit = refit
+            if (bad := common.first_nonfinite({"losses/decoder_train": fit["train_loss"]})) is not None:
+                stop_nonfinite(bad)
+            probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
+            diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe)
+
+            # ---- Stage boundary: latent policy reset to N(0, I); critic and obs statistics kept ----
+            reset_latent_policy(policy, optimizer)
+            decoder = new_decoder
+            refit_data.clear()  # the next refit must see only the next stage's composite policy
+            stage, stage_rollouts = stage + 1, 0
+            after = run_eval("boundary_after", stage)
+            for name, value in {
+                "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
+                "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
+                "charts/boundary_action_rms": diagnostics["action_rms_deterministic"],
+                "charts/boundary_action_mean_rms": diagnostics["action_rms_mean"],
+                "charts/boundary_action_std_old": diagnostics["action_std_old"],
+                "charts/boundary_action_std_new": diagnostics["action_std_new"],
+                "charts/decoder_fit_seconds": time.time() - fit_start,
+            }.items():
+                logger.scalar(name, value, global_step)
+            pbar.write(
+                f"stage {stage - 1} -> {stage} at step {global_step}: decoder val loss {fit['val_loss']:.3f} "
+                f"on {fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
+                f"{diagnostics['action_rms_deterministic']:.3f}; action std {diagnostics['action_std_old']:.3f} -> "
+                f"{diagnostics['action_std_new']:.3f}; {time.time() - fit_start:.1f}s")
+            if args.capture_video:
+                record_video(f"stage{stage}_start")
+            save()  # a crash later in this stage does not repeat the refit
+            continue
 
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
-        fresh = args.fresh_iterations if stage < args.num_stages - 1 else 0
-        for it in range(iterations_per_stage[stage] + fresh):
-            # The last `fresh` rollouts only gather refit data (Phase 2) with the policy frozen.
-            collect_only = it >= iterations_per_stage[stage]
-            if collect_only and it == iterations_per_stage[stage]:
-                refit_data.clear()
-            iteration += 0 if collect_only else 1
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
+        clip_coef = args.clip_coef if stage == 0 or args.clip_coef_late is None else args.clip_coef_late
+        # The last `fresh` rollouts of a stage only gather refit data (Phase 2) with the policy frozen.
+        collect_only = stage_rollouts >= iterations_per_stage[stage]
+        if collect_only and stage_rollouts == iterations_per_stage[stage]:
+            refit_data.clear()
+        iteration += 0 if collect_only else 1
+        if args.anneal_lr:
+            optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / args.num_iterations) * args.learning_rate
 
-            for step in range(T):
-                obs_rms.update(next_obs_raw)
-                raw = torch.as_tensor(next_obs_raw, dtype=torch.float32, device=device)
-                s = torch.as_tensor(obs_rms.normalize(next_obs_raw), device=device)
-                with torch.inference_mode():
-                    mu, sigma = policy(s)
-                    eps = mu + sigma * torch.randn_like(mu)  # latent action (N, d)
-                    logp = gaussian_log_prob(eps, mu, sigma)
-                    value = critic(s)
-                    u = decoder(raw, eps)  # pre-tanh action (N, d)
-                b_obs[step], b_eps[step], b_logp[step], b_values[step] = s, eps, logp, value
-                b_raw_obs[step], b_u[step] = raw, u
+        for step in range(T):
+            obs_rms.update(next_obs_raw)
+            raw = torch.as_tensor(next_obs_raw, dtype=torch.float32, device=device)
+            s = torch.as_tensor(obs_rms.normalize(next_obs_raw), device=device)
+            with torch.inference_mode():
+                mu, sigma = policy(s)
+                eps = mu + sigma * torch.randn_like(mu)  # latent action (N, d)
+                logp = gaussian_log_prob(eps, mu, sigma)
+                value = critic(s)
+                u = decoder(raw, eps)  # pre-tanh action (N, d)
+            b_obs[step], b_eps[step], b_logp[step], b_values[step] = s, eps, logp, value
+            b_raw_obs[step], b_u[step] = raw, u
 
-                t_env = time.time()
-                next_obs_raw, reward, terminated, truncated, infos = envs.step(torch.tanh(u).cpu().numpy())
-                env_time += time.time() - t_env
-                done = terminated | truncated
-                b_rewards[step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
-                b_terminated[step] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
-                b_dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
-                if done.any():
-                    # V of the true last observation: a truncated episode still bootstraps from it.
-                    final = torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]), device=device)
-                    with torch.no_grad():
-                        final_values = critic(final)
-                    b_final_values[step, torch.as_tensor(done, device=device)] = final_values
-                    for i in np.flatnonzero(done):
-                        logger.scalar("charts/episodic_return", episode_return[i] + reward[i], global_step + i)
-                        logger.scalar("charts/episodic_length", episode_length[i] + 1, global_step + i)
-                episode_return = (episode_return + reward) * ~done
-                episode_length = (episode_length + 1) * ~done
-            global_step += args.batch_size
-            with torch.no_grad():
-                last_values = critic(torch.as_tensor(obs_rms.normalize(next_obs_raw), device=device))
-            # V(s_{t+1}) of the true next state: the next step's value, or V(final obs) where an episode ended.
-            b_next_values = torch.cat([b_values[1:], last_values[None]])
-            b_next_values = torch.where(b_dones.bool(), b_final_values, b_next_values)
-            advantages, returns = compute_gae(b_rewards, b_values, b_next_values, b_terminated, b_dones,
-                                              args.gamma, args.gae_lambda)
-            refit_data.append((b_raw_obs.reshape(-1, obs_dim).clone(), b_u.reshape(-1, act_dim).clone()))
-            if collect_only:
-                pbar.update(args.batch_size)
-                continue
-
+            t_env = time.time()
+            next_obs_raw, reward, terminated, truncated, infos = envs.step(torch.tanh(u).cpu().numpy())
+            env_time += time.time() - t_env
+            done = terminated | truncated
+            b_rewards[step] = torch.as_tensor(reward * args.reward_scale, dtype=torch.float32, device=device)
+            b_terminated[step] = torch.as_tensor(terminated, dtype=torch.float32, device=device)
+            b_dones[step] = torch.as_tensor(done, dtype=torch.float32, device=device)
+            if done.any():
+                # V of the true last observation: a truncated episode still bootstraps from it.
+                final = torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]), device=device)
+                with torch.no_grad():
+                    final_values = critic(final)
+                b_final_values[step, torch.as_tensor(done, device=device)] = final_values
+                for i in np.flatnonzero(done):
+                    logger.scalar("charts/episodic_return", episode_return[i] + reward[i], global_step + i)
+                    logger.scalar("charts/episodic_length", episode_length[i] + 1, global_step + i)
+            episode_return = (episode_return + reward) * ~done
+            episode_length = (episode_length + 1) * ~done
+        global_step += args.batch_size
+        stage_rollouts += 1
+        with torch.no_grad():
+            last_values = critic(torch.as_tensor(obs_rms.normalize(next_obs_raw), device=device))
+        # V(s_{t+1}) of the true next state: the next step's value, or V(final obs) where an episode ended.
+        b_next_values = torch.cat([b_values[1:], last_values[None]])
+        b_next_values = torch.where(b_dones.bool(), b_final_values, b_next_values)
+        advantages, returns = compute_gae(b_rewards, b_values, b_next_values, b_terminated, b_dones,
+                                          args.gamma, args.gae_lambda)
+        refit_data.append((b_raw_obs.reshape(-1, obs_dim).clone(), b_u.reshape(-1, act_dim).clone()))
+        if collect_only:
+            pbar.update(args.batch_size)
+        else:
             # PPO update in latent space: the ratio is over eps, so no tanh/decoder Jacobian is needed.
             f_obs, f_eps, f_logp = b_obs.reshape(-1, obs_dim), b_eps.reshape(-1, act_dim), b_logp.reshape(-1)
             f_adv, f_ret, f_val = advantages.reshape(-1), returns.reshape(-1), b_values.reshape(-1)
@@ -631,19 +785,29 @@ if __name__ == "__main__":
                     loss.backward()
                     # Clipped separately: a shared norm lets the critic's large early gradients
                     # (returns are O(100) on dm_control) shrink the policy's step to almost nothing.
-                    nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                    nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    policy_grad = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    critic_grad = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+                    # Checked before the step, so a bad update never reaches the parameters.
+                    bad = common.first_nonfinite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
+                                                  "losses/prior_kl": penalty, "gradient norm of the policy": policy_grad,
+                                                  "gradient norm of the critic": critic_grad})
+                    if bad is not None:
+                        stop_nonfinite(bad)
                     optimizer.step()
+            bad = common.first_nonfinite({"policy parameters": list(policy.parameters()),
+                                          "critic parameters": list(critic.parameters())})
+            if bad is not None:
+                stop_nonfinite(bad)
 
             explained_var = 1.0 - (f_ret - f_val).var() / (f_ret.var() + 1e-8)
-            sps = global_step / (time.time() - start_time)
+            sps = global_step / logger.wall_time()
             for name, value in {
                 "losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(),
                 "losses/entropy": entropy.item(), "losses/prior_kl": penalty.item(),
                 "losses/approx_kl": np.mean(approx_kls), "losses/clipfrac": np.mean(clipfracs),
                 "losses/explained_variance": explained_var.item(),
                 "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/SPS": sps,
-                "charts/env_time_fraction": env_time / (time.time() - start_time), "charts/stage": stage,
+                "charts/env_time_fraction": env_time / logger.wall_time(), "charts/stage": stage,
                 "charts/latent_mu_abs": mu.abs().mean().item(), "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
                 "charts/action_abs": torch.tanh(b_u).abs().mean().item(),
             }.items():
@@ -655,55 +819,21 @@ if __name__ == "__main__":
             pbar.update(args.batch_size)
             pbar.set_postfix(stage=f"{stage + 1}/{args.num_stages}", sps=f"{sps:.0f}", eval=f"{last_eval:.1f}")
 
-        if args.capture_video:
-            common.record_video(args.env_id, make_act(policy, decoder, obs_rms, device), args.eval_seed,
-                                os.path.join(logger.run_dir, "videos", f"stage{stage}_step{global_step}.mp4"))
-        save(stage)
-        if stage == args.num_stages - 1:
-            break
+        if args.capture_video and global_step >= next_video:
+            record_video("train")
+            next_video += args.video_interval
+        if interrupt.requested:
+            saved = save()
+            pbar.close()
+            interrupt.exit("gorl_ppo", run_dir, global_step, "now" if saved else "none")
+        if global_step >= next_checkpoint:
+            save()
+            next_checkpoint += args.checkpoint_interval
 
-        # ---- Phase 2: decoder refit on the latest on-policy (s, u) pairs ----
-        fit_start = time.time()
-        before = run_eval("boundary_before", stage)
-        data_obs = torch.cat([o for o, _ in refit_data])  # (M, obs_dim), raw
-        data_u = torch.cat([u for _, u in refit_data])  # (M, d), executed pre-tanh actions
-        targets, old_decoder = data_u, decoder
-        if args.decoder_targets == "resampled":
-            data_s = torch.as_tensor(obs_rms.normalize(data_obs.cpu().numpy()), device=device)
-
-            @torch.no_grad()
-            def targets(idx):  # u = g_old(s, mu + sigma * xi): the current composite policy at obs[idx]
-                mu, sigma = policy(data_s[idx])
-                return old_decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
-
-        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device)
-        probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
-        diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe)
-
-        # ---- Stage boundary: latent policy reset to N(0, I); critic and obs statistics kept ----
-        reset_latent_policy(policy, optimizer)
-        decoder = new_decoder
-        refit_data.clear()  # the next refit must see only the next stage's composite policy
-        after = run_eval("boundary_after", stage + 1)
-        for name, value in {
-            "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
-            "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
-            "charts/boundary_action_rms": diagnostics["action_rms_deterministic"],
-            "charts/boundary_action_mean_rms": diagnostics["action_rms_mean"],
-            "charts/boundary_action_std_old": diagnostics["action_std_old"],
-            "charts/boundary_action_std_new": diagnostics["action_std_new"],
-            "charts/decoder_fit_seconds": time.time() - fit_start,
-        }.items():
-            logger.scalar(name, value, global_step)
-        pbar.write(
-            f"stage {stage} -> {stage + 1} at step {global_step}: decoder val loss {fit['val_loss']:.3f} "
-            f"on {fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
-            f"{diagnostics['action_rms_deterministic']:.3f}; action std {diagnostics['action_std_old']:.3f} -> "
-            f"{diagnostics['action_std_new']:.3f}; {time.time() - fit_start:.1f}s")
-
-    final = run_eval("final", args.num_stages - 1)
+    final = run_eval("final", stage)
+    save(finished=True)
     pbar.close()
-    elapsed = time.time() - start_time
+    elapsed = logger.wall_time()
     print(f"final deterministic return {final.mean():.1f} +- {final.std():.1f}; {global_step} env steps in "
           f"{elapsed:.0f}s ({global_step / elapsed:.0f} steps/s, env {env_time / elapsed:.0%} of wall time)")
     envs.close()

@@ -49,13 +49,24 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """render one deterministic episode to runs/<run>/videos/ at the end of every stage (needs MUJOCO_GL=egl or osmesa)"""
+    """record a deterministic episode (env 0's seed) to <run>/videos/ every --video-interval env steps and at every
+    stage end; with --eval-only, the first evaluated episode. Headless: MUJOCO_GL=egl or osmesa"""
+    video_interval: int = 100_000
+    """env steps between training videos with --capture-video"""
     save_model: bool = True
-    """write runs/<run>/checkpoint.pt at every stage end"""
+    """write <run>/checkpoint.pt (everything --resume needs) every --checkpoint-interval env steps, at every stage
+    end, on Ctrl-C/SIGTERM and at the end"""
+    checkpoint_interval: int = 100_000
+    """env steps between checkpoints; bounds what a crash loses"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags
+    are ignored)"""
     eval_only: bool = False
-    """only evaluate --checkpoint: print mean and std of the deterministic return, then exit"""
+    """only evaluate --checkpoint over --eval-episodes episodes, print mean and std of the return, then exit"""
     checkpoint: Optional[str] = None
     """checkpoint to evaluate with --eval-only"""
+    eval_stochastic: bool = False
+    """with --eval-only: sample the latent eps ~ pi(.|s) instead of taking its mean"""
 
     # ---- environment ----
     env_id: str = "walker-walk"
@@ -286,6 +297,14 @@ class ReplayBuffer:
         idx = rng.integers(0, self.size, batch_size)
         return {k: torch.as_tensor(v[idx], device=device) for k, v in self.data.items()}
 
+    def state_dict(self) -> dict:
+        return {"ptr": self.ptr, "size": self.size, "data": {k: v[: self.size].copy() for k, v in self.data.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ptr, self.size = state["ptr"], state["size"]
+        for k, v in state["data"].items():
+            self.data[k][: self.size] = v
+
     def latest(self, n: int) -> dict[str, np.ndarray]:
         """The newest min(n, size) transitions in time order (the ring is unrolled first, spec §7)."""
         n = min(n, self.size)
@@ -322,14 +341,15 @@ def q_target(batch, actor, decoder, qf_target, alpha: float, gamma: float) -> to
 
 
 def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: float, gamma: float):
-    """One step on both critics (one batched forward). Returns (loss, Q values (2, B))."""
+    """One step on both critics (one batched forward). Returns (loss, Q values (2, B), gradient norm)."""
     target = q_target(batch, actor, decoder, qf_target, alpha, gamma)
     q = qf(batch["obs"], batch["action"])  # (2, B)
     q_loss = (q - target).pow(2).mean(1).sum()
     q_optimizer.zero_grad(set_to_none=True)
     q_loss.backward()
+    q_grad_norm = nn.utils.get_total_norm([p.grad for p in qf.parameters()])
     q_optimizer.step()
-    return q_loss, q
+    return q_loss, q, q_grad_norm
 
 
 def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_coef: float):
@@ -342,9 +362,10 @@ def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_co
     actor_loss = (alpha * logp - q_pi + kl_coef * kl_to_prior(mu, sigma)).mean()
     actor_optimizer.zero_grad(set_to_none=True)
     actor_loss.backward()
+    actor_grad_norm = nn.utils.get_total_norm([p.grad for p in actor.parameters()])
     actor_optimizer.step()
     qf.requires_grad_(True)
-    return actor_loss, a_pi.detach(), logp.detach(), mu.detach(), sigma.detach()
+    return actor_loss, actor_grad_norm, a_pi.detach(), logp.detach(), mu.detach(), sigma.detach()
 
 
 def flow_matching_loss(decoder: FlowDecoder, s_norm, u, draws: int, generator=None) -> torch.Tensor:
@@ -356,10 +377,12 @@ def flow_matching_loss(decoder: FlowDecoder, s_norm, u, draws: int, generator=No
     return (decoder.velocity(s_norm, x_t, t) - (eps - u)).pow(2).mean()
 
 
-def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device) -> tuple[FlowDecoder, dict]:
+def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device,
+                stop=lambda: False) -> Optional[tuple[FlowDecoder, dict]]:
     """Fit a fresh, frozen-after decoder on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a
     function idx -> u drawing fresh actions of the composite policy at obs[idx]. Keeps the weights
-    with the best validation loss."""
+    with the best validation loss. Returns None if `stop()` turns true (Ctrl-C), and stops early
+    with a NaN train loss if the loss stops being finite."""
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
     decoder.obs_mean.copy_(obs.mean(0))  # statistics of the refit data, frozen with the decoder
     decoder.obs_var.copy_(obs.var(0))
@@ -384,13 +407,18 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
         optimizer.step()
         schedule.step()
         train_loss = 0.98 * train_loss + 0.02 * loss.item() if step > 1 else loss.item()
+        if not np.isfinite(train_loss):
+            break  # the caller stops the run, naming the decoder loss
         if step % args.decoder_val_every == 0 or step == args.decoder_train_steps:
+            if stop():
+                return None
             val_gen.manual_seed(0)  # the same (eps, t) draws at every check
             with torch.no_grad():
                 current = flow_matching_loss(decoder, s_norm[val], u_val, args.decoder_noise_draws, val_gen).item()
             if current < best:
                 best, best_state = current, copy.deepcopy(decoder.state_dict())
-    decoder.load_state_dict(best_state)
+    if best_state is not None:
+        decoder.load_state_dict(best_state)
     decoder.requires_grad_(False)  # frozen: only eps receives gradients through it
     return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
 
@@ -414,14 +442,18 @@ def boundary_diagnostics(actor, old_decoder, new_decoder, obs, samples: int = 32
     }
 
 
-def make_act(actor: LatentActor, decoder: FlowDecoder, device):
-    """Deterministic composite policy a = tanh(g(s, mu(s)))."""
+def make_act(actor: LatentActor, decoder: FlowDecoder, device, stochastic_seed: Optional[int] = None):
+    """Composite policy: deterministic a = tanh(g(s, mu(s))), or, given a seed, stochastic
+    a = tanh(g(s, mu + sigma * xi)) drawn from its own generator (evaluating never moves the
+    training random stream)."""
+    generator = None if stochastic_seed is None else torch.Generator(device=device).manual_seed(stochastic_seed)
 
     @torch.no_grad()
     def act(obs: np.ndarray) -> np.ndarray:
         obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
-        mu, _ = actor(obs_t)
-        return torch.tanh(decoder(obs_t, mu)).cpu().numpy()
+        mu, sigma = actor(obs_t)
+        eps = mu if generator is None else mu + sigma * torch.randn(mu.shape, generator=generator, device=device)
+        return torch.tanh(decoder(obs_t, eps)).cpu().numpy()
 
     return act
 
@@ -452,13 +484,16 @@ def validate(args: Args) -> None:
     for name in ("total_timesteps", "num_envs", "buffer_size", "batch_size", "policy_frequency", "num_stages",
                  "hidden", "layers", "decoder_hidden", "decoder_layers", "euler_steps", "decoder_data_steps",
                  "decoder_train_steps", "decoder_batch_size", "decoder_noise_draws", "decoder_val_every",
-                 "eval_interval", "eval_episodes", "torch_threads", "env_threads"):
+                 "eval_interval", "eval_episodes", "torch_threads", "env_threads", "checkpoint_interval",
+                 "video_interval"):
         if getattr(args, name) <= 0:
             raise E(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.eval_only:
         if args.checkpoint is None:
             raise E("--eval-only needs --checkpoint PATH")
         return
+    if args.eval_stochastic:
+        raise E("--eval-stochastic only applies with --eval-only")
     if args.learning_starts < 0 or args.updates_per_step <= 0:
         raise E("--learning-starts must be >= 0 and --updates-per-step > 0")
     if args.learning_starts < args.batch_size:
@@ -472,8 +507,13 @@ def validate(args: Args) -> None:
     if ends[0] <= args.learning_starts or min(np.diff([0] + ends)) < args.num_envs:
         raise E(f"--total-timesteps {args.total_timesteps} gives stage ends {ends}: stage 0 must outlast "
                 f"--learning-starts {args.learning_starts} and every stage needs env steps")
+    if args.total_timesteps <= args.learning_starts:
+        raise E(f"--total-timesteps {args.total_timesteps} leaves no updates after --learning-starts "
+                f"{args.learning_starts}")
     common.resolve_backend(args.env_id, args.env_backend)  # raises on unknown ids and backends
     common.make_env(args.env_id, seed=0)().close()  # raises on non-Box or unbounded action spaces
+    if args.capture_video:
+        common.check_render(args.env_id)
 
 
 def build_from_checkpoint(ckpt: dict, args: Args, device):
@@ -485,28 +525,54 @@ def build_from_checkpoint(ckpt: dict, args: Args, device):
     return actor, decoder
 
 
+def saved_args(ckpt: dict) -> Args:
+    return Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+
+
 def evaluate_checkpoint(args: Args) -> None:
+    """--eval-only: the checkpoint's actor and decoder on fresh eval envs."""
     ckpt = common.load_checkpoint(args.checkpoint, "gorl_sac")
-    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    saved = saved_args(ckpt)
+    if args.capture_video:
+        common.check_render(saved.env_id)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     actor, decoder = build_from_checkpoint(ckpt, saved, device)
-    returns = common.evaluate(saved.env_id, make_act(actor, decoder, device), args.eval_episodes, args.eval_seed,
-                              saved.env_backend)
-    print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: "
+    seed = args.eval_seed if args.eval_stochastic else None
+    returns = common.evaluate(saved.env_id, make_act(actor, decoder, device, seed), args.eval_episodes,
+                              args.eval_seed, saved.env_backend)
+    mode = "stochastic" if args.eval_stochastic else "deterministic"
+    print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: {mode} "
           f"return {returns.mean():.4f} +- {returns.std():.4f} over {len(returns)} episodes")
+    if args.capture_video:
+        path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
+                            f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
+        # The first eval episode's seed: in deterministic mode the video replays that episode exactly.
+        ret = common.record_video(saved.env_id, make_act(actor, decoder, device, seed), args.eval_seed, path)
+        print(f"video: {path} (return {ret:.4f})")
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    ckpt = None
     try:
-        validate(args)
+        if args.resume:  # every other flag is ignored: the run continues with the arguments it started with
+            if args.eval_only:
+                raise common.UsageError("--resume continues training; evaluate with --eval-only --checkpoint "
+                                        f"{os.path.join(args.resume, 'checkpoint.pt')}")
+            ckpt = common.load_resume(args.resume, "gorl_sac")
+        else:
+            validate(args)
         if args.eval_only:
             evaluate_checkpoint(args)
             sys.exit(0)
     except common.UsageError as err:
         common.exit_on_usage_error(err)
+    if ckpt is None:
+        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
+    else:
+        run_dir, args = args.resume, saved_args(ckpt)
     ends = stage_ends(args)
-    run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
 
     common.seed_everything(args.seed, args.torch_deterministic)
     torch.set_num_threads(args.torch_threads)
@@ -515,8 +581,9 @@ if __name__ == "__main__":
     envs = common.make_vector_env(args.env_id, args.num_envs, args.seed, args.env_backend, args.env_threads)
     obs_dim = envs.single_observation_space.shape[0]
     act_dim = envs.single_action_space.shape[0]  # latent dim = action dim (spec §1)
-    logger = common.RunLogger(run_name, args, args.track, args.wandb_project_name, args.wandb_entity)
-    print(f"run directory: {logger.run_dir}; device {device}; stages end at env steps {ends}")
+    logger = common.RunLogger(run_dir, args, args.track, args.wandb_project_name, args.wandb_entity,
+                              resume=ckpt["logger"] if ckpt else None)
+    checkpoint_path = os.path.join(run_dir, "checkpoint.pt")
 
     actor = LatentActor(obs_dim, act_dim, args.hidden, args.layers).to(device)
     qf = TwinQ(obs_dim, act_dim, args.hidden, args.layers).to(device)
@@ -528,15 +595,44 @@ if __name__ == "__main__":
     target_entropy = -float(act_dim)  # on the latent Gaussian
     log_alpha = torch.zeros(1, device=device, requires_grad=True)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
-    alpha = log_alpha.exp().item() if args.autotune else args.alpha
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
 
-    global_step, stage, num_updates, update_credit = 0, 0, 0, 0.0
-    next_eval, next_log, last_eval = 0, 0, float("nan")
-    episode_return, episode_length = np.zeros(args.num_envs), np.zeros(args.num_envs, dtype=int)
-    obs, _ = envs.reset(seed=args.seed)
-    start_time = time.time()
-    pbar = common.progress_bar(args.total_timesteps)
+    # Everything the loop carries from one env step to the next; a checkpoint saves it whole.
+    loop = {"global_step": 0, "stage": 0, "num_updates": 0, "update_credit": 0.0, "next_eval": 0, "next_log": 0,
+            "next_video": args.video_interval, "next_checkpoint": args.checkpoint_interval, "last_eval": float("nan"),
+            "episode_return": np.zeros(args.num_envs), "episode_length": np.zeros(args.num_envs, dtype=int),
+            "latest": {}}
+    if ckpt is None:
+        obs, _ = envs.reset(seed=args.seed)
+        print(f"run directory: {run_dir}; device {device}; stages end at env steps {ends}")
+    else:  # ---- resume: restore every piece of state, then replay the envs to the same step ----
+        actor.load_state_dict(ckpt["actor"])
+        qf.load_state_dict(ckpt["qf"])
+        qf_target.load_state_dict(ckpt["qf_target"])
+        decoder.load_state_dict(ckpt["decoder"])
+        actor_optimizer.load_state_dict(ckpt["actor_optimizer"])
+        q_optimizer.load_state_dict(ckpt["q_optimizer"])
+        with torch.no_grad():
+            log_alpha.copy_(ckpt["log_alpha"])
+        alpha_optimizer.load_state_dict(ckpt["alpha_optimizer"])
+        buffer.load_state_dict(ckpt["buffer"])
+        loop = ckpt["loop"]
+        obs = envs.load_state_dict(ckpt["envs"])
+        if not np.array_equal(obs, loop["obs"]):
+            print("warning: replaying the envs did not reproduce the saved observations (another machine or library "
+                  "version?); the episodes in progress continue from the replayed state", file=sys.stderr)
+        rng.bit_generator.state = ckpt["np_rng"]
+        common.set_rng_state(ckpt["rng"])
+        print(f"resuming {run_dir} at env step {loop['global_step']} (stage {loop['stage']})")
+    global_step, stage, num_updates, update_credit = (loop[k] for k in ("global_step", "stage", "num_updates",
+                                                                         "update_credit"))
+    next_eval, next_log, next_video, next_checkpoint, last_eval = (
+        loop[k] for k in ("next_eval", "next_log", "next_video", "next_checkpoint", "last_eval"))
+    episode_return, episode_length = loop["episode_return"], loop["episode_length"]
+    latest = loop["latest"]  # the newest update's losses and batch statistics, for the logs
+    alpha = log_alpha.exp().item() if args.autotune else args.alpha
+    pbar = common.progress_bar(args.total_timesteps, initial=global_step)
+    interrupt = common.Interrupt()
 
     def run_eval(tag: str, stage: int) -> np.ndarray:
         returns = common.evaluate(args.env_id, make_act(actor, decoder, device), args.eval_episodes,
@@ -547,15 +643,95 @@ if __name__ == "__main__":
             logger.scalar("eval/return_std", returns.std(), global_step)
         return returns
 
-    def save(stage: int) -> None:
-        if args.save_model:
-            common.save_checkpoint(os.path.join(logger.run_dir, "checkpoint.pt"), {
-                "script": "gorl_sac", "args": vars(args), "global_step": global_step, "stage": stage,
-                "obs_dim": obs_dim, "act_dim": act_dim, "actor": actor.state_dict(), "qf": qf.state_dict(),
-                "qf_target": qf_target.state_dict(), "decoder": decoder.state_dict(), "log_alpha": log_alpha.detach(),
-            })
+    def record_video(name: str) -> None:
+        common.record_video(args.env_id, make_act(actor, decoder, device), args.seed,
+                            os.path.join(run_dir, "videos", f"{name}_step{global_step}.mp4"))
 
-    while global_step < args.total_timesteps:
+    def save(finished: bool = False) -> bool:
+        """Atomic checkpoint of everything --resume needs (replay buffer included) and --eval-only reads."""
+        if not args.save_model:
+            return False
+        loop.update(global_step=global_step, stage=stage, num_updates=num_updates, update_credit=update_credit,
+                    next_eval=next_eval, next_log=next_log, next_video=next_video, next_checkpoint=next_checkpoint,
+                    last_eval=last_eval, episode_return=episode_return, episode_length=episode_length, obs=obs,
+                    latest=latest)
+        common.save_checkpoint(checkpoint_path, {
+            "script": "gorl_sac", "args": vars(args), "global_step": global_step, "stage": stage, "finished": finished,
+            "obs_dim": obs_dim, "act_dim": act_dim, "actor": actor.state_dict(), "qf": qf.state_dict(),
+            "qf_target": qf_target.state_dict(), "decoder": decoder.state_dict(), "log_alpha": log_alpha.detach(),
+            "actor_optimizer": actor_optimizer.state_dict(), "q_optimizer": q_optimizer.state_dict(),
+            "alpha_optimizer": alpha_optimizer.state_dict(), "buffer": buffer.state_dict(), "loop": loop,
+            "envs": envs.state_dict(), "np_rng": rng.bit_generator.state, "rng": common.rng_state(),
+            "logger": logger.resume_state(global_step),
+        })
+        return True
+
+    def stop_nonfinite(name: str) -> None:
+        """Stop at once, naming what broke; nothing is saved after it, so the last checkpoint stays good."""
+        kept = f"the last good checkpoint {checkpoint_path} stays" if os.path.exists(checkpoint_path) else \
+            "no checkpoint was written yet"
+        print(f"error: non-finite {name} at stage {stage}, env step {global_step}; stopped ({kept})", file=sys.stderr)
+        pbar.close()
+        envs.close()
+        logger.close()
+        sys.exit(1)
+
+    while True:
+        if global_step >= ends[stage]:
+            # ---- End of a stage: checkpoint (the resume point if Phase 2 is interrupted) ----
+            if args.capture_video:
+                record_video(f"stage{stage}_end")
+            save()
+            if stage == args.num_stages - 1:
+                break
+
+            # ---- Phase 2: decoder refit on the latest buffer transitions (the current policy's) ----
+            fit_start = time.time()
+            before = run_eval("boundary_before", stage)
+            newest = buffer.latest(args.decoder_data_steps)
+            data_obs = torch.as_tensor(newest["obs"], device=device)
+            targets, old_decoder = torch.as_tensor(newest["u"], device=device), decoder
+            if args.decoder_targets == "resampled":
+
+                @torch.no_grad()
+                def targets(idx):  # u = g_old(s, mu + sigma * xi): the current composite policy at obs[idx]
+                    return sample_action(actor, old_decoder, data_obs[idx])[1]
+
+            refit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, stop=lambda: interrupt.requested)
+            if refit is None:  # Ctrl-C / SIGTERM: the refit restarts from the stage-end checkpoint on resume
+                pbar.close()
+                interrupt.exit("gorl_sac", run_dir, global_step, "stage_end" if args.save_model else "none")
+            new_decoder, fit = refit
+            if (bad := common.first_nonfinite({"losses/decoder_train": fit["train_loss"]})) is not None:
+                stop_nonfinite(bad)
+            probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
+            diagnostics = boundary_diagnostics(actor, old_decoder, new_decoder, probe)
+
+            # ---- Stage boundary: actor reset to N(0, I); critics, targets, alpha and buffer kept ----
+            reset_latent_actor(actor, actor_optimizer)
+            decoder = new_decoder
+            stage += 1
+            after = run_eval("boundary_after", stage)
+            for name, value in {
+                "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
+                "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
+                "charts/boundary_action_rms": diagnostics["action_rms_deterministic"],
+                "charts/boundary_action_mean_rms": diagnostics["action_rms_mean"],
+                "charts/boundary_action_std_old": diagnostics["action_std_old"],
+                "charts/boundary_action_std_new": diagnostics["action_std_new"],
+                "charts/decoder_fit_seconds": time.time() - fit_start,
+            }.items():
+                logger.scalar(name, value, global_step)
+            pbar.write(
+                f"stage {stage - 1} -> {stage} at step {global_step}: decoder val loss {fit['val_loss']:.3f} "
+                f"on {fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
+                f"{diagnostics['action_rms_deterministic']:.3f}; action std {diagnostics['action_std_old']:.3f} -> "
+                f"{diagnostics['action_std_new']:.3f}; alpha {alpha:.4f}; {time.time() - fit_start:.1f}s")
+            if args.capture_video:
+                record_video(f"stage{stage}_start")
+            save()  # a crash later in this stage does not repeat the refit
+            continue
+
         # ---- Phase 1: SAC on the latent actor, decoder frozen ----
         if global_step < args.learning_starts:
             action = rng.uniform(-1.0, 1.0, (args.num_envs, act_dim)).astype(np.float32)  # random warm-up
@@ -586,88 +762,68 @@ if __name__ == "__main__":
                 update_credit -= 1.0
                 num_updates += 1
                 batch = buffer.sample(args.batch_size, rng, device)
-                q_loss, q = critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha, args.gamma)
+                q_loss, q, q_grad = critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha, args.gamma)
+                checks = {"losses/q_loss": q_loss, "gradient norm of the critics": q_grad}
+                latest.update(q_loss=q_loss.detach(), q=q.detach())
                 if num_updates % args.policy_frequency == 0:
-                    actor_loss, a_pi, logp, mu, sigma = actor_update(batch, actor, decoder, qf, actor_optimizer,
-                                                                     alpha, args.kl_coef)
+                    actor_loss, actor_grad, a_pi, logp, mu, sigma = actor_update(batch, actor, decoder, qf,
+                                                                                 actor_optimizer, alpha, args.kl_coef)
+                    checks.update({"losses/actor_loss": actor_loss, "gradient norm of the actor": actor_grad})
+                    latest.update(actor_loss=actor_loss.detach(), a_pi=a_pi, logp=logp, mu=mu, sigma=sigma)
                     if args.autotune:  # alpha tracks the latent entropy target
                         alpha_loss = -(log_alpha.exp() * (logp + target_entropy)).mean()
                         alpha_optimizer.zero_grad(set_to_none=True)
                         alpha_loss.backward()
                         alpha_optimizer.step()
                         alpha = log_alpha.exp().item()
+                        checks["alpha"] = alpha
+                # A bad step has already changed the parameters in memory, but stopping here means
+                # nothing is saved after it: the last checkpoint on disk is still the last good one.
+                if (bad := common.first_nonfinite(checks)) is not None:
+                    stop_nonfinite(bad)
 
                 with torch.no_grad():  # Polyak averaging, one fused op over all parameters
                     torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
 
-            if global_step >= next_log and num_updates >= args.policy_frequency:
+            if global_step >= next_log and "actor_loss" in latest:
                 next_log += 1000
+                bad = common.first_nonfinite({"actor parameters": list(actor.parameters()),
+                                              "critic parameters": list(qf.parameters())})
+                if bad is not None:
+                    stop_nonfinite(bad)
+                mu, sigma, logp, a_pi = latest["mu"], latest["sigma"], latest["logp"], latest["a_pi"]
                 for name, value in {
-                    "losses/q_loss": q_loss.item() / 2, "losses/q_values": q.mean().item(),
-                    "losses/actor_loss": actor_loss.item(), "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
+                    "losses/q_loss": latest["q_loss"].item() / 2, "losses/q_values": latest["q"].mean().item(),
+                    "losses/actor_loss": latest["actor_loss"].item(),
+                    "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
                     "losses/alpha": alpha, "losses/latent_entropy": -logp.mean().item(),
                     "charts/latent_sigma": sigma.mean().item(), "charts/latent_mu_abs": mu.abs().mean().item(),
                     "charts/action_abs": a_pi.abs().mean().item(),
                     "charts/action_std": a_pi.std(0).mean().item(), "charts/stage": stage,
-                    "charts/SPS": global_step / (time.time() - start_time),
+                    "charts/SPS": global_step / logger.wall_time(),
                 }.items():
                     logger.scalar(name, value, global_step)
 
         if global_step >= next_eval:
             last_eval = run_eval("periodic", stage).mean()
             next_eval += args.eval_interval
-            pbar.set_postfix(stage=f"{stage + 1}/{args.num_stages}", sps=f"{global_step / (time.time() - start_time):.0f}",
+            pbar.set_postfix(stage=f"{stage + 1}/{args.num_stages}", sps=f"{global_step / logger.wall_time():.0f}",
                              eval=f"{last_eval:.1f}")
-
-        if global_step < ends[stage]:
-            continue
-        if args.capture_video:
-            common.record_video(args.env_id, make_act(actor, decoder, device), args.eval_seed,
-                                os.path.join(logger.run_dir, "videos", f"stage{stage}_step{global_step}.mp4"))
-        save(stage)
-        if stage == args.num_stages - 1:
-            break
-
-        # ---- Phase 2: decoder refit on the latest buffer transitions (the current policy's) ----
-        fit_start = time.time()
-        before = run_eval("boundary_before", stage)
-        latest = buffer.latest(args.decoder_data_steps)
-        data_obs = torch.as_tensor(latest["obs"], device=device)
-        targets, old_decoder = torch.as_tensor(latest["u"], device=device), decoder
-        if args.decoder_targets == "resampled":
-
-            @torch.no_grad()
-            def targets(idx):  # u = g_old(s, mu + sigma * xi): the current composite policy at obs[idx]
-                return sample_action(actor, old_decoder, data_obs[idx])[1]
-
-        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device)
-        probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
-        diagnostics = boundary_diagnostics(actor, old_decoder, new_decoder, probe)
-
-        # ---- Stage boundary: actor reset to N(0, I); critics, targets, alpha and buffer kept ----
-        reset_latent_actor(actor, actor_optimizer)
-        decoder = new_decoder
-        stage += 1
-        after = run_eval("boundary_after", stage)
-        for name, value in {
-            "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
-            "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
-            "charts/boundary_action_rms": diagnostics["action_rms_deterministic"],
-            "charts/boundary_action_mean_rms": diagnostics["action_rms_mean"],
-            "charts/boundary_action_std_old": diagnostics["action_std_old"],
-            "charts/boundary_action_std_new": diagnostics["action_std_new"],
-            "charts/decoder_fit_seconds": time.time() - fit_start,
-        }.items():
-            logger.scalar(name, value, global_step)
-        pbar.write(
-            f"stage {stage - 1} -> {stage} at step {global_step}: decoder val loss {fit['val_loss']:.3f} "
-            f"on {fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
-            f"{diagnostics['action_rms_deterministic']:.3f}; action std {diagnostics['action_std_old']:.3f} -> "
-            f"{diagnostics['action_std_new']:.3f}; alpha {alpha:.4f}; {time.time() - fit_start:.1f}s")
+        if args.capture_video and global_step >= next_video:
+            record_video("train")
+            next_video += args.video_interval
+        if interrupt.requested:
+            saved = save()
+            pbar.close()
+            interrupt.exit("gorl_sac", run_dir, global_step, "now" if saved else "none")
+        if global_step >= next_checkpoint:
+            save()
+            next_checkpoint += args.checkpoint_interval
 
     final = run_eval("final", stage)
+    save(finished=True)
     pbar.close()
-    elapsed = time.time() - start_time
+    elapsed = logger.wall_time()
     print(f"final deterministic return {final.mean():.1f} +- {final.std():.1f}; {global_step} env steps in "
           f"{elapsed:.0f}s ({global_step / elapsed:.0f} steps/s, {num_updates} updates)")
     envs.close()
