@@ -495,7 +495,8 @@ def evaluate_checkpoint(args: Args) -> None:
     if args.capture_video:
         path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
                             f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
-        # The first eval episode's seed: in deterministic mode the video replays that episode exactly.
+        # Seeded like the first eval episode; dm_control renders it, and its initial state for a seed
+        # differs from envpool's, so the video's return is printed separately.
         ret = common.record_video(saved.env_id, make_act(policy, decoder, obs_rms, device, seed), args.eval_seed, path)
         print(f"video: {path} (return {ret:.4f})")
 
@@ -533,7 +534,7 @@ if __name__ == "__main__":
         args.minibatch_size = args.batch_size // args.num_minibatches
         args.fresh_iterations = -(-args.decoder_fresh_steps // args.batch_size)  # ceil
         args.num_iterations = args.total_timesteps // args.batch_size - args.fresh_iterations * (args.num_stages - 1)
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
+        run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     else:
         run_dir, args = args.resume, saved_args(ckpt)

@@ -498,6 +498,9 @@ def validate(args: Args) -> None:
         raise E("--learning-starts must be >= 0 and --updates-per-step > 0")
     if args.learning_starts < args.batch_size:
         raise E(f"--learning-starts {args.learning_starts} is less than one --batch-size {args.batch_size}")
+    if args.total_timesteps <= args.learning_starts:
+        raise E(f"--total-timesteps {args.total_timesteps} leaves no updates after --learning-starts "
+                f"{args.learning_starts}")
     if args.stage_fractions and (len(args.stage_fractions) != args.num_stages or min(args.stage_fractions) <= 0):
         raise E(f"--stage-fractions {' '.join(map(str, args.stage_fractions))} must be {args.num_stages} positive "
                 "numbers (one per stage)")
@@ -507,9 +510,6 @@ def validate(args: Args) -> None:
     if ends[0] <= args.learning_starts or min(np.diff([0] + ends)) < args.num_envs:
         raise E(f"--total-timesteps {args.total_timesteps} gives stage ends {ends}: stage 0 must outlast "
                 f"--learning-starts {args.learning_starts} and every stage needs env steps")
-    if args.total_timesteps <= args.learning_starts:
-        raise E(f"--total-timesteps {args.total_timesteps} leaves no updates after --learning-starts "
-                f"{args.learning_starts}")
     common.resolve_backend(args.env_id, args.env_backend)  # raises on unknown ids and backends
     common.make_env(args.env_id, seed=0)().close()  # raises on non-Box or unbounded action spaces
     if args.capture_video:
@@ -546,7 +546,8 @@ def evaluate_checkpoint(args: Args) -> None:
     if args.capture_video:
         path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
                             f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
-        # The first eval episode's seed: in deterministic mode the video replays that episode exactly.
+        # Seeded like the first eval episode; dm_control renders it, and its initial state for a seed
+        # differs from envpool's, so the video's return is printed separately.
         ret = common.record_video(saved.env_id, make_act(actor, decoder, device, seed), args.eval_seed, path)
         print(f"video: {path} (return {ret:.4f})")
 
@@ -568,7 +569,7 @@ if __name__ == "__main__":
     except common.UsageError as err:
         common.exit_on_usage_error(err)
     if ckpt is None:
-        run_name = f"{args.env_id.replace('/', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
+        run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     else:
         run_dir, args = args.resume, saved_args(ckpt)
