@@ -495,7 +495,7 @@ class RunLogger:
 
     On resume, `resume` = {"global_step", "eval_rows", "wall_time_s"} from the checkpoint: eval.csv is
     cut back to the rows the checkpoint had seen and tensorboard drops the interrupted run's events
-    from `global_step` on (SummaryWriter's purge_step), so nothing is duplicated; wall time continues.
+    after `global_step` (SummaryWriter's purge_step), so nothing is duplicated; wall time continues.
     """
 
     def __init__(self, run_dir: str, args, track: bool, project: str, entity: str | None,
@@ -516,7 +516,10 @@ class RunLogger:
         self.wandb = None
         if track:
             self.wandb = _init_wandb(os.path.basename(os.path.normpath(run_dir)), args, project, entity, run_dir)
-        self.writer = SummaryWriter(self.run_dir, purge_step=resume["global_step"] if resume else None)
+        # Events at the checkpoint's own step were logged before it was written, so purge from the next
+        # step on. (A hard crash inside a decoder refit, after its boundary scalars were logged but before
+        # the checkpoint that follows it, would leave those few scalars twice.)
+        self.writer = SummaryWriter(self.run_dir, purge_step=resume["global_step"] + 1 if resume else None)
         if resume is None:
             self.writer.add_text(
                 "hyperparameters",

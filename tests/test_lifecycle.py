@@ -58,6 +58,14 @@ def interrupt_when(name, args, cwd, exp_name, ready, sig):
     return proc.returncode, out
 
 
+def scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
 # ---- resume: the environments are rebuilt exactly, then whole runs continue identically ----
 
 
@@ -118,6 +126,9 @@ def test_ppo_interrupted_in_phase_1_and_in_a_refit_then_resumed_writes_the_same_
     whole = eval_rows(the_run_dir(tmp_path, "whole"))
     assert [r["tag"] for r in whole].count("boundary_after") == 2
     assert eval_rows(run_dir) == whole
+    # tensorboard: the events the interrupted processes logged past their checkpoints are purged
+    assert scalars(run_dir, "eval/return_mean") == scalars(the_run_dir(tmp_path, "whole"), "eval/return_mean")
+    assert scalars(run_dir, "losses/value_loss") == scalars(the_run_dir(tmp_path, "whole"), "losses/value_loss")
     again = run("gorl_ppo", ["--resume", run_dir], tmp_path)
     assert again.returncode == 2 and "already finished (6144 env steps)" in again.stderr
 
@@ -181,9 +192,13 @@ def test_a_nan_reward_stops_with_one_line_and_the_last_checkpoint_is_good(tmp_pa
                   "--decoder-train-steps", "100", "--decoder-data-steps", "200"]),
 ])
 def test_eval_only_reproduces_the_final_return_and_writes_a_video(tmp_path, name, args):
-    result = run(name, ["--env-id", "tests.toy_envs:Toy-v0", "--eval-episodes", "3", *args], tmp_path)
+    result = run(name, ["--env-id", "tests.toy_envs:Toy-v0", "--eval-episodes", "3", "--capture-video",
+                        "--video-interval", "256", *args], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    videos = sorted(os.path.basename(v) for v in glob.glob(os.path.join(run_dir, "videos", "*.mp4")))
+    assert {"stage0_end", "stage1_start", "stage1_end", "train"} == {v.rsplit("_step", 1)[0] for v in videos}
+    assert sum(v.startswith("train_step") for v in videos) >= 2
     final = eval_rows(run_dir)[-1]
     assert final["tag"] == "final" and final["stage"] == "1"  # the decoder was refit once: not the identity
     ckpt = os.path.join(run_dir, "checkpoint.pt")
