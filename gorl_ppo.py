@@ -57,6 +57,8 @@ class Args:
     end, on Ctrl-C/SIGTERM and at the end"""
     checkpoint_interval: int = 100_000
     """env steps between checkpoints; bounds what a crash loses"""
+    run_dir: Optional[str] = None
+    """write the run here instead of runs/<env>__<exp-name>__K<stages>__<seed>__<unix time>; must not exist yet"""
     resume: Optional[str] = None
     """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags
     are ignored)"""
@@ -449,6 +451,8 @@ def validate(args: Args) -> None:
         return
     if args.eval_stochastic:
         raise E("--eval-stochastic only applies with --eval-only")
+    if args.run_dir is not None and os.path.exists(args.run_dir):
+        raise E(f"--run-dir {args.run_dir!r} already exists; continue it with --resume {args.run_dir}")
     batch = args.num_envs * args.num_steps
     if batch % args.num_minibatches:
         raise E(f"rollout of {batch} transitions (--num-envs {args.num_envs} x --num-steps {args.num_steps}) "
@@ -535,7 +539,7 @@ if __name__ == "__main__":
         args.fresh_iterations = -(-args.decoder_fresh_steps // args.batch_size)  # ceil
         args.num_iterations = args.total_timesteps // args.batch_size - args.fresh_iterations * (args.num_stages - 1)
         run_name = f"{args.env_id.replace('/', '_').replace(':', '_')}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
-        run_dir = os.path.join("runs", run_name)
+        run_dir = args.run_dir or os.path.join("runs", run_name)
     else:
         run_dir, args = args.resume, saved_args(ckpt)
     iterations_per_stage = stage_iterations(args)

@@ -250,6 +250,7 @@ BAD_INPUT = [
      "is not a GoRL checkpoint"),
     ("gorl_ppo", ["--resume", "runs/x", "--eval-only"], {"runs/x/checkpoint.pt": {"script": "gorl_ppo"}},
      "--resume continues training"),
+    ("gorl_sac", ["--run-dir", "runs/taken"], {"runs/taken/eval.csv": b"x"}, "already exists; continue it with"),
 ]
 
 

@@ -1,0 +1,186 @@
+"""Run the benchmark grid {script} x {env} x {variant} x {seed}: GoRL and its Gaussian twin
+(`--num-stages 1`) for gorl_ppo.py and gorl_sac.py.
+
+    python benchmarks/run.py --dry-run                      # print the grid, run nothing
+    python benchmarks/run.py                                # this machine: a pool of --workers runs
+    python benchmarks/run.py --executor slurm --slurm-partition cpu   # a SLURM cluster, via submitit
+
+Each run writes to OUT/runs/<script>__<env>__<variant>__s<seed>/ (one torch thread, no progress
+bar) and its stdout to OUT/logs/. The grid is resumable: a run whose eval.csv ends with its
+'final' row is skipped, a run with a checkpoint is continued with --resume, anything else starts
+afresh. When a run finishes, its eval.csv is copied to OUT/csv/<name>.csv, the per-run files that
+benchmarks/plot.py reads and that get committed (run directories hold checkpoints and are not).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import tyro
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-stand", "walker-walk")
+
+
+@dataclass
+class Args:
+    scripts: tuple[Literal["ppo", "sac"], ...] = ("ppo", "sac")
+    """which scripts: gorl_ppo.py, gorl_sac.py"""
+    envs: tuple[str, ...] = TASKS
+    """env ids (default: the paper's six dm_control tasks)"""
+    variants: tuple[Literal["gorl", "twin"], ...] = ("gorl", "twin")
+    """gorl: the script's default stages; twin: --num-stages 1, everything else identical"""
+    seeds: tuple[int, ...] = (1, 2, 3)
+    """seeds of every cell"""
+    hopper_seeds: tuple[int, ...] = (1, 2, 3, 4, 5)
+    """seeds on hopper-stand (its outcomes vary most between seeds)"""
+    ppo_steps: int = 3_000_000
+    """env steps of each gorl_ppo.py run"""
+    sac_steps: int = 500_000
+    """env steps of each gorl_sac.py run"""
+    ppo_args: str = ""
+    """extra flags for every gorl_ppo.py run; pass as --ppo-args='--num-envs 32 ...' (with '=')"""
+    sac_args: str = ""
+    """extra flags for every gorl_sac.py run; pass as --sac-args='...' (with '=')"""
+    out: str = "benchmarks/results/grid"
+    """results folder: runs/, logs/, csv/, and the code copy the runs use"""
+    workers: int = 2
+    """runs at a time with --executor local (one per core here)"""
+    executor: Literal["local", "submitit-local", "slurm"] = "local"
+    """local: a process pool on this machine; submitit-local / slurm: submitit's local or SLURM executor"""
+    slurm_partition: Optional[str] = None
+    """SLURM partition (--executor slurm)"""
+    slurm_time_min: int = 600
+    """SLURM time limit per run in minutes; an interrupted run continues from its checkpoint when the grid is run again"""
+    dry_run: bool = False
+    """print the grid and what would happen to each run, then exit"""
+    python: str = sys.executable
+    """python interpreter that runs the scripts"""
+
+
+def grid(args: Args) -> list[dict]:
+    jobs = []
+    for script in args.scripts:
+        for env_id in args.envs:
+            for variant in args.variants:
+                for seed in (args.hopper_seeds if env_id == "hopper-stand" else args.seeds):
+                    name = f"{script}__{env_id}__{variant}__s{seed}"
+                    jobs.append({
+                        "name": name, "script": script, "env_id": env_id, "variant": variant, "seed": seed,
+                        "steps": args.ppo_steps if script == "ppo" else args.sac_steps,
+                        "extra": (args.ppo_args if script == "ppo" else args.sac_args).split(),
+                        "out": os.path.abspath(args.out), "python": args.python,
+                    })
+    return jobs
+
+
+def state(job: dict) -> str:
+    """'done', 'resume' (has a checkpoint) or 'start'."""
+    run_dir = os.path.join(job["out"], "runs", job["name"])
+    eval_csv = os.path.join(run_dir, "eval.csv")
+    if os.path.exists(eval_csv):
+        with open(eval_csv) as f:
+            rows = list(csv.DictReader(f))
+        if rows and rows[-1]["tag"] == "final":
+            return "done"
+    return "resume" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else "start"
+
+
+def command(job: dict) -> list[str]:
+    script = os.path.join(job["out"], "code", f"gorl_{job['script']}.py")
+    run_dir = os.path.join(job["out"], "runs", job["name"])
+    if state(job) == "resume":
+        return [job["python"], script, "--resume", run_dir]
+    stages = ["--num-stages", "1"] if job["variant"] == "twin" else []
+    return [job["python"], script, "--env-id", job["env_id"], "--seed", str(job["seed"]), "--total-timesteps",
+            str(job["steps"]), "--run-dir", run_dir, "--exp-name", job["variant"], *stages, *job["extra"]]
+
+
+def run_job(job: dict) -> dict:
+    """One grid cell, start to finish (or resumed); module-level so submitit can pickle it."""
+    status = state(job)
+    if status != "done":
+        run_dir = os.path.join(job["out"], "runs", job["name"])
+        if status == "start" and os.path.exists(run_dir):
+            shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to keep
+        os.makedirs(os.path.join(job["out"], "logs"), exist_ok=True)
+        cmd = command(job)
+        env = dict(os.environ, GORL_NO_PROGRESS="1")
+        with open(os.path.join(job["out"], "logs", f"{job['name']}.log"), "a") as log:
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=job["out"])
+        if code != 0:
+            return {"name": job["name"], "status": f"failed (exit {code}, see logs/{job['name']}.log)"}
+        status = "finished"
+    os.makedirs(os.path.join(job["out"], "csv"), exist_ok=True)
+    shutil.copyfile(os.path.join(job["out"], "runs", job["name"], "eval.csv"),
+                    os.path.join(job["out"], "csv", f"{job['name']}.csv"))
+    return {"name": job["name"], "status": status}
+
+
+def freeze_code(out: str) -> None:
+    """Runs use a copy of the scripts (with the commit it came from), so editing the repository
+    does not change a grid in progress; the copy is kept once made."""
+    code = os.path.join(out, "code")
+    if os.path.exists(os.path.join(code, "gorl_ppo.py")):
+        return
+    os.makedirs(code, exist_ok=True)
+    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
+        shutil.copyfile(os.path.join(REPO, name), os.path.join(code, name))
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "gorl_ppo.py", "gorl_sac.py", "common.py"],
+                           cwd=REPO).returncode != 0
+    with open(os.path.join(code, "COMMIT"), "w") as f:
+        f.write(commit + (" (with uncommitted changes)" if dirty else "") + "\n")
+
+
+def main(args: Args) -> None:
+    if args.workers <= 0:
+        sys.exit(f"error: --workers must be positive, got {args.workers}")
+    if args.executor == "slurm" and args.slurm_partition is None:
+        sys.exit("error: --executor slurm needs --slurm-partition")
+    jobs = grid(args)
+    if args.dry_run:
+        for job in jobs:
+            print(f"{state(job):6s} {job['name']}: {' '.join(command(job))}")
+        counts = {s: sum(state(j) == s for j in jobs) for s in ("done", "resume", "start")}
+        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['start']} to start")
+        return
+    os.makedirs(args.out, exist_ok=True)
+    freeze_code(os.path.abspath(args.out))
+    start = time.time()
+    if args.executor == "local":
+        with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers) as pool:
+            futures = [pool.submit(run_job, job) for job in jobs]
+            for future in concurrent.futures.as_completed(futures):
+                result = future.result()
+                print(f"[{time.time() - start:7.0f}s] {result['name']}: {result['status']}", flush=True)
+        return
+    import submitit
+
+    folder = os.path.join(os.path.abspath(args.out), "submitit", "%j")
+    if args.executor == "submitit-local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=args.slurm_time_min)
+    else:
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(slurm_partition=args.slurm_partition, timeout_min=args.slurm_time_min,
+                                   cpus_per_task=1, mem_gb=4, slurm_array_parallelism=256)
+    submitted = executor.map_array(run_job, jobs)
+    print(f"submitted {len(submitted)} runs ({args.executor}); logs in {os.path.dirname(folder)}", flush=True)
+    for job, result in zip(jobs, (s.result() for s in submitted)):
+        print(f"[{time.time() - start:7.0f}s] {result['name']}: {result['status']}", flush=True)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

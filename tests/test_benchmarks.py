@@ -1,0 +1,102 @@
+"""benchmarks/run.py (grid, resumability, submitit's local executor) and benchmarks/plot.py."""
+
+import csv
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
+RUNNER = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py")]
+
+
+def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
+    result = subprocess.run(RUNNER + ["--dry-run", "--out", str(tmp_path / "grid")], env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    runs = [l for l in lines if l.startswith("start ")]
+    # 2 scripts x 2 variants x (5 tasks x 3 seeds + hopper-stand x 5 seeds)
+    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 80 to start"
+    for task in ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-stand", "walker-walk"):
+        assert sum(f"__{task}__" in l for l in runs) == (20 if task == "hopper-stand" else 12)
+    twins = [l for l in runs if "__twin__" in l]
+    assert len(twins) == 40 and all("--num-stages 1" in l for l in twins)
+    assert not any("--num-stages" in l for l in runs if "__gorl__" in l)
+    assert all("--total-timesteps 500000" in l for l in runs if l.split()[1].startswith("sac__"))
+    assert not (tmp_path / "grid").exists()
+
+
+TINY = ["--scripts", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "2", "--sac-steps", "800",
+        "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 50 "
+        "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200 --checkpoint-interval 200"]
+
+
+def test_grid_runs_through_submitit_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
+    out = tmp_path / "grid"
+    # An interrupted run in the grid's place: started by hand, stopped by Ctrl-C after two evaluations.
+    dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
+    first = next(l for l in dry.stdout.splitlines() if "__gorl__s1" in l).split(": ", 1)[1].split()
+    first[1] = os.path.join(ROOT, "gorl_sac.py")  # the grid's code copy does not exist before it runs
+    proc = subprocess.Popen(first, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = out / "runs" / "sac__tests.toy_envs:Toy-v0__gorl__s1"
+    while proc.poll() is None:
+        if (run_dir / "eval.csv").exists() and len((run_dir / "eval.csv").read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.05)
+    assert proc.wait(timeout=120) == 130
+    dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
+    assert dry.stdout.splitlines()[-1] == "4 runs: 0 done, 1 to resume, 3 to start"
+
+    result = subprocess.run(RUNNER + TINY + ["--out", str(out), "--executor", "submitit-local"], env=ENV,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count(": finished") == 4, result.stdout
+    assert "resuming" in (out / "logs" / "sac__tests.toy_envs:Toy-v0__gorl__s1.log").read_text()
+    csvs = sorted(os.path.basename(p) for p in glob.glob(str(out / "csv" / "*.csv")))
+    assert len(csvs) == 4 and all(name.startswith("sac__tests.toy_envs:Toy-v0__") for name in csvs)
+    with open(out / "csv" / "sac__tests.toy_envs:Toy-v0__twin__s2.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[-1]["tag"] == "final" and rows[-1]["global_step"] == "800" and {r["stage"] for r in rows} == {"0"}
+
+    again = subprocess.run(RUNNER + TINY + ["--out", str(out), "--workers", "2"], env=ENV, capture_output=True,
+                           text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count(": done") == 4, again.stdout + again.stderr
+
+
+def _write_run(path, final, boundary=None):
+    rows = [(s, 0, final * s / 3000, 5.0, s / 100, "periodic") for s in range(0, 3001, 500)]
+    if boundary:
+        rows.insert(5, (2000, 0, boundary[0], 5.0, 20.5, "boundary_before"))
+        rows.insert(6, (2000, 1, boundary[1], 5.0, 22.0, "boundary_after"))
+    rows.append((3000, 1 if boundary else 0, final, 5.0, 31.0, "final"))
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag"])
+        writer.writerows(rows)
+
+
+def test_report_rebuilds_figures_and_the_readme_table_from_csvs_in_under_a_minute(tmp_path):
+    os.makedirs(tmp_path / "csv")
+    for env in ("cheetah-run", "walker-walk"):
+        for seed in (1, 2, 3):
+            _write_run(tmp_path / "csv" / f"ppo__{env}__gorl__s{seed}.csv", 500 + 10 * seed, (400, 390 + seed))
+            _write_run(tmp_path / "csv" / f"ppo__{env}__twin__s{seed}.csv", 450 + 10 * seed)
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- benchmark-results -->\nold\n<!-- /benchmark-results -->\noutro\n")
+    start = time.time()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), "--out", str(tmp_path),
+                             "--readme", str(readme)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert time.time() - start < 60
+    for figure in ("curves_ppo.png", "aggregate.png"):
+        assert os.path.getsize(tmp_path / figure) > 10_000
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
+    assert "| PPO | cheetah-run | GoRL | 3 | 520.0 ± 8.2 | 510.0, 520.0, 530.0 | 400→391; 400→392; 400→393 | 3000 |" in text
+    assert "| PPO | walker-walk | Gaussian twin (K=1) | 3 | 470.0 ± 8.2 |" in text
+    assert "PPO GoRL: 2 tasks x 3 seeds" in text
