@@ -143,7 +143,8 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
     env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
     args = ["--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000", "--num-stages", "2",
             "--first-stage-fraction", "0.8", "--hidden", "64", "--batch-size", "128", "--eval-interval", "100000",
-            "--eval-episodes", "5", "--decoder-train-steps", "1500", "--decoder-data-steps", "2000", "--seed", "1"]
+            "--eval-episodes", "5", "--decoder-train-steps", "1500", "--decoder-data-steps", "2000", "--seed", "1",
+            "--updates-per-step", "1"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
