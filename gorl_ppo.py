@@ -48,20 +48,17 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """record a deterministic episode (env 0's seed) to <run>/videos/ every --video-interval env steps and at every
-    stage end; with --eval-only, the first evaluated episode. Headless: MUJOCO_GL=egl or osmesa"""
+    """record a deterministic episode (env 0's seed) to <run>/videos/ every --video-interval env steps and at every stage end; with --eval-only, the first evaluated episode. Headless: MUJOCO_GL=egl or osmesa"""
     video_interval: int = 500_000
     """env steps between training videos with --capture-video"""
     save_model: bool = True
-    """write <run>/checkpoint.pt (everything --resume needs) every --checkpoint-interval env steps, at every stage
-    end, on Ctrl-C/SIGTERM and at the end"""
+    """write <run>/checkpoint.pt (everything --resume needs) every --checkpoint-interval env steps, at every stage end, on Ctrl-C/SIGTERM and at the end"""
     checkpoint_interval: int = 100_000
     """env steps between checkpoints; bounds what a crash loses"""
     run_dir: Optional[str] = None
     """write the run here instead of runs/<env>__<exp-name>__K<stages>__<seed>__<unix time>; must not exist yet"""
     resume: Optional[str] = None
-    """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags
-    are ignored)"""
+    """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags are ignored)"""
     eval_only: bool = False
     """only evaluate --checkpoint over --eval-episodes episodes, print mean and std of the return, then exit"""
     checkpoint: Optional[str] = None
@@ -141,17 +138,13 @@ class Args:
     euler_steps: int = 10
     """N: Euler steps from t = 1 (noise) to t = 0 (action)"""
     decoder_data_steps: int = 65536
-    """refit on the states of the latest this-many env steps; keep it >= num_envs x episode length: the envs
-    run in lockstep, so a shorter window misses whole phases of the episode (e.g. its start)"""
+    """refit on the states of the latest this-many env steps; keep it >= num_envs x episode length: the envs run in lockstep, so a shorter window misses whole phases of the episode (e.g. its start)"""
     decoder_fresh_steps: int = 0
-    """if > 0: at each boundary collect this many env steps with the frozen composite policy and refit on
-    them alone (exactly on-policy; the steps count in the budget) instead of the latest training data"""
+    """if > 0: at each boundary collect this many env steps with the frozen composite policy and refit on them alone (exactly on-policy; the steps count in the budget) instead of the latest training data"""
     decoder_targets: Literal["executed", "resampled"] = "resampled"
-    """'executed': the pre-tanh u actually executed; 'resampled': fresh u ~ current composite policy at the
-    stored states, drawn anew at every decoder step (same distribution, far more samples per state)"""
+    """'executed': the pre-tanh u actually executed; 'resampled': fresh u ~ current composite policy at the stored states, drawn anew at every decoder step (same distribution, far more samples per state)"""
     decoder_train_steps: int = 12000
-    """Adam steps per decoder refit (cheetah-run, spec §7 check: 2000 steps lost 85% of the return at the
-    boundary, 12000 lost 1%; about 100 s here)"""
+    """Adam steps per decoder refit (cheetah-run, spec §7 check: 2000 steps lost 85% of the return at the boundary, 12000 lost 1%; about 100 s here)"""
     decoder_batch_size: int = 256
     """(s, u) pairs per decoder step"""
     decoder_noise_draws: int = 4

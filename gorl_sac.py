@@ -49,20 +49,17 @@ class Args:
     wandb_entity: Optional[str] = None
     """the wandb entity (team)"""
     capture_video: bool = False
-    """record a deterministic episode (env 0's seed) to <run>/videos/ every --video-interval env steps and at every
-    stage end; with --eval-only, the first evaluated episode. Headless: MUJOCO_GL=egl or osmesa"""
+    """record a deterministic episode (env 0's seed) to <run>/videos/ every --video-interval env steps and at every stage end; with --eval-only, the first evaluated episode. Headless: MUJOCO_GL=egl or osmesa"""
     video_interval: int = 100_000
     """env steps between training videos with --capture-video"""
     save_model: bool = True
-    """write <run>/checkpoint.pt (everything --resume needs) every --checkpoint-interval env steps, at every stage
-    end, on Ctrl-C/SIGTERM and at the end"""
+    """write <run>/checkpoint.pt (everything --resume needs) every --checkpoint-interval env steps, at every stage end, on Ctrl-C/SIGTERM and at the end"""
     checkpoint_interval: int = 100_000
     """env steps between checkpoints; bounds what a crash loses"""
     run_dir: Optional[str] = None
     """write the run here instead of runs/<env>__<exp-name>__K<stages>__<seed>__<unix time>; must not exist yet"""
     resume: Optional[str] = None
-    """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags
-    are ignored)"""
+    """continue the run in this directory from its checkpoint.pt, with the arguments it started with (other flags are ignored)"""
     eval_only: bool = False
     """only evaluate --checkpoint over --eval-episodes episodes, print mean and std of the return, then exit"""
     checkpoint: Optional[str] = None
@@ -90,8 +87,7 @@ class Args:
     batch_size: int = 256
     """transitions per gradient update"""
     updates_per_step: float = 0.5
-    """critic updates per env step (update-to-data ratio; 0.5 = one update every 2 steps): one 256x256 update costs
-    14-19 ms on this CPU, 26-29 ms once the 10-step decoder is in the loop (benchmarks/throughput_sac.py)"""
+    """critic updates per env step (update-to-data ratio; 0.5 = one update every 2 steps): one 256x256 update costs 14-19 ms on this CPU, 26-29 ms once the 10-step decoder is in the loop (benchmarks/throughput_sac.py)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
