@@ -644,10 +644,13 @@ class Interrupt:
 def first_nonfinite(named: dict) -> str | None:
     """The name of the first value that holds a NaN or inf: a tensor/number, or a list of tensors
     (parameters, checked through their norms in one fused call). None when all are finite."""
-    for name, value in named.items():
-        if isinstance(value, (list, tuple)):
-            value = torch.stack(torch._foreach_norm([v.detach() for v in value]))
-        if not bool(torch.isfinite(torch.as_tensor(value)).all()):
+    values = [torch.stack(torch._foreach_norm([v.detach() for v in value])) if isinstance(value, (list, tuple))
+              else torch.as_tensor(value).detach().reshape(-1) for value in named.values()]
+    finite = torch.isfinite(torch.cat([v.float().cpu() for v in values]))
+    if bool(finite.all()):  # one check in the common case; the loop below only runs to name the culprit
+        return None
+    for name, value in zip(named, values):
+        if not bool(torch.isfinite(value).all()):
             return name
     return None
 

@@ -162,6 +162,14 @@ def test_sac_stopped_by_sigterm_then_resumed_writes_the_same_eval_rows_and_keeps
 # ---- non-finite values stop the run; the last good checkpoint stays ----
 
 
+def test_first_nonfinite_names_the_first_bad_quantity():
+    params = [torch.ones(3), torch.ones(2, 2)]
+    assert common.first_nonfinite({"loss": torch.tensor(1.0), "alpha": 0.5, "params": params}) is None
+    assert common.first_nonfinite({"loss": torch.tensor(1.0), "alpha": float("nan"), "params": params}) == "alpha"
+    params[1][0, 1] = float("inf")
+    assert common.first_nonfinite({"loss": torch.tensor(1.0), "alpha": 0.5, "params": params}) == "params"
+
+
 @pytest.mark.parametrize("name,args", [
     ("gorl_ppo", ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2",
                   "--total-timesteps", "4096", "--checkpoint-interval", "64", "--decoder-train-steps", "50"]),
