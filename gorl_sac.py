@@ -441,6 +441,17 @@ def boundary_diagnostics(actor, old_decoder, new_decoder, obs, samples: int = 32
     }
 
 
+@torch.no_grad()
+def action_noise(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor, samples: int = 8) -> float:
+    """Per-state spread of the executed action: std over `samples` draws of tanh(g(s, mu + sigma xi))
+    at each state, averaged over states and dims. This is the exploration noise the env sees; alpha
+    only controls it through the latent entropy, so it is logged to see whether it narrows from
+    stage to stage (README, GoRL-SAC)."""
+    obs_rep = obs.repeat(samples, 1)  # (samples * B, obs_dim)
+    a = sample_action(actor, decoder, obs_rep)[0].reshape(samples, *obs.shape[:1], -1)  # (samples, B, d)
+    return a.std(0).mean().item()
+
+
 def make_act(actor: LatentActor, decoder: FlowDecoder, device, stochastic_seed: Optional[int] = None):
     """Composite policy: deterministic a = tanh(g(s, mu(s))), or, given a seed, stochastic
     a = tanh(g(s, mu + sigma * xi)) drawn from its own generator (evaluating never moves the
@@ -771,7 +782,8 @@ if __name__ == "__main__":
                     actor_loss, actor_grad, a_pi, logp, mu, sigma = actor_update(batch, actor, decoder, qf,
                                                                                  actor_optimizer, alpha, args.kl_coef)
                     checks.update({"losses/actor_loss": actor_loss, "gradient norm of the actor": actor_grad})
-                    latest.update(actor_loss=actor_loss.detach(), a_pi=a_pi, logp=logp, mu=mu, sigma=sigma)
+                    latest.update(actor_loss=actor_loss.detach(), a_pi=a_pi, logp=logp, mu=mu, sigma=sigma,
+                                  obs=batch["obs"])
                     if args.autotune:  # alpha tracks the latent entropy target
                         alpha_loss = -(log_alpha.exp() * (logp + target_entropy)).mean()
                         alpha_optimizer.zero_grad(set_to_none=True)
@@ -801,7 +813,8 @@ if __name__ == "__main__":
                     "losses/alpha": alpha, "losses/latent_entropy": -logp.mean().item(),
                     "charts/latent_sigma": sigma.mean().item(), "charts/latent_mu_abs": mu.abs().mean().item(),
                     "charts/action_abs": a_pi.abs().mean().item(),
-                    "charts/action_std": a_pi.std(0).mean().item(), "charts/stage": stage,
+                    "charts/action_std_over_batch": a_pi.std(0).mean().item(), "charts/stage": stage,
+                    "charts/action_noise_std": action_noise(actor, decoder, latest["obs"]),
                     "charts/SPS": global_step / logger.wall_time(),
                 }.items():
                     logger.scalar(name, value, global_step)
