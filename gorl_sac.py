@@ -101,7 +101,9 @@ class Args:
     alpha: float = 0.2
     """entropy coefficient when --no-autotune"""
     autotune: bool = True
-    """tune alpha so the latent entropy tracks -action_dim"""
+    """tune alpha so the entropy estimate (see --tanh-correction) tracks -action_dim"""
+    tanh_correction: bool = True
+    """entropy terms use log pi(eps|s) - sum log(1 - tanh(u)^2), SAC's squashing correction; off: the bare latent log-density (its sigma ran to the clamp on cheetah-run)"""
     kl_coef: float = 1e-3
     """beta: weight of KL(pi_theta(.|s) || N(0, I)) in the actor loss (spec §5)"""
     hidden: int = 256
@@ -321,27 +323,36 @@ def kl_to_prior(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * sigma.log()).sum(-1)
 
 
-def sample_action(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor):
-    """eps = mu + sigma * xi (reparameterised), u = g(s, eps), a = tanh(u).
-    Returns a, u, log pi(eps|s), mu, sigma."""
+def sample_action(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor, tanh_correction: bool = True):
+    """eps = mu + sigma * xi (reparameterised), u = g(s, eps), a = tanh(u). Returns a, u, logp, mu, sigma.
+
+    logp is what the entropy terms use: the exact latent log-density log pi(eps|s), minus (with
+    tanh_correction) the log-Jacobian of the tanh squashing, log(1 - tanh(u)^2) per dim, as SAC
+    does. Without it nothing stops the latent from growing wide and driving the actions into
+    saturation: on cheetah-run sigma sat at its clamp (e^2) within 6k steps. The decoder's own
+    Jacobian is left out: GoRL keeps the entropy on the tractable side of the decoder."""
     mu, sigma = actor(obs)
     eps = mu + sigma * torch.randn_like(mu)
     u = decoder(obs, eps)
-    return torch.tanh(u), u, gaussian_log_prob(eps, mu, sigma), mu, sigma
+    logp = gaussian_log_prob(eps, mu, sigma)
+    if tanh_correction:  # log(1 - tanh(u)^2) = 2 (log 2 - u - softplus(-2u)), stable for large |u|
+        logp = logp - (2.0 * (np.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
+    return torch.tanh(u), u, logp, mu, sigma
 
 
-def q_target(batch, actor, decoder, qf_target, alpha: float, gamma: float) -> torch.Tensor:
+def q_target(batch, actor, decoder, qf_target, alpha: float, gamma: float, tanh_correction: bool = True):
     """r + gamma * (1 - terminated) * (min Q'(s', a') - alpha log pi(eps'|s')). A truncated
     transition bootstraps from its true next observation; only termination cuts the return."""
     with torch.no_grad():
-        next_action, _, next_logp, _, _ = sample_action(actor, decoder, batch["next_obs"])
+        next_action, _, next_logp, _, _ = sample_action(actor, decoder, batch["next_obs"], tanh_correction)
         next_q = qf_target(batch["next_obs"], next_action).min(0).values - alpha * next_logp
         return batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
 
 
-def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: float, gamma: float):
+def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: float, gamma: float,
+                  tanh_correction: bool = True):
     """One step on both critics (one batched forward). Returns (loss, Q values (2, B), gradient norm)."""
-    target = q_target(batch, actor, decoder, qf_target, alpha, gamma)
+    target = q_target(batch, actor, decoder, qf_target, alpha, gamma, tanh_correction)
     q = qf(batch["obs"], batch["action"])  # (2, B)
     q_loss = (q - target).pow(2).mean(1).sum()
     q_optimizer.zero_grad(set_to_none=True)
@@ -351,11 +362,12 @@ def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: floa
     return q_loss, q, q_grad_norm
 
 
-def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_coef: float):
+def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_coef: float,
+                 tanh_correction: bool = True):
     """alpha log pi(eps|s) - min Q(s, tanh(g(s, eps))) + beta KL(pi || N(0, I)), eps reparameterised.
     The gradient flows through the frozen decoder's Euler steps into eps; neither the decoder's nor
     the critics' parameters require gradients here, so only the actor steps."""
-    a_pi, _, logp, mu, sigma = sample_action(actor, decoder, batch["obs"])
+    a_pi, _, logp, mu, sigma = sample_action(actor, decoder, batch["obs"], tanh_correction)
     qf.requires_grad_(False)  # backward then skips the critics' weight gradients (~1/3 of this update)
     q_pi = qf(batch["obs"], a_pi).min(0).values
     actor_loss = (alpha * logp - q_pi + kl_coef * kl_to_prior(mu, sigma)).mean()
@@ -605,7 +617,7 @@ if __name__ == "__main__":
     decoder.requires_grad_(False)  # never trained by the RL losses; only refit in Phase 2
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
-    target_entropy = -float(act_dim)  # on the latent Gaussian
+    target_entropy = -float(act_dim)  # for the entropy estimate -logp of sample_action
     log_alpha = torch.zeros(1, device=device, requires_grad=True)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
@@ -775,12 +787,13 @@ if __name__ == "__main__":
                 update_credit -= 1.0
                 num_updates += 1
                 batch = buffer.sample(args.batch_size, rng, device)
-                q_loss, q, q_grad = critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha, args.gamma)
+                q_loss, q, q_grad = critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha, args.gamma,
+                                                  args.tanh_correction)
                 checks = {"losses/q_loss": q_loss, "gradient norm of the critics": q_grad}
                 latest.update(q_loss=q_loss.detach(), q=q.detach())
                 if num_updates % args.policy_frequency == 0:
-                    actor_loss, actor_grad, a_pi, logp, mu, sigma = actor_update(batch, actor, decoder, qf,
-                                                                                 actor_optimizer, alpha, args.kl_coef)
+                    actor_loss, actor_grad, a_pi, logp, mu, sigma = actor_update(
+                        batch, actor, decoder, qf, actor_optimizer, alpha, args.kl_coef, args.tanh_correction)
                     checks.update({"losses/actor_loss": actor_loss, "gradient norm of the actor": actor_grad})
                     latest.update(actor_loss=actor_loss.detach(), a_pi=a_pi, logp=logp, mu=mu, sigma=sigma,
                                   obs=batch["obs"])
@@ -810,7 +823,8 @@ if __name__ == "__main__":
                     "losses/q_loss": latest["q_loss"].item() / 2, "losses/q_values": latest["q"].mean().item(),
                     "losses/actor_loss": latest["actor_loss"].item(),
                     "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
-                    "losses/alpha": alpha, "losses/latent_entropy": -logp.mean().item(),
+                    "losses/alpha": alpha, "losses/entropy_estimate": -logp.mean().item(),
+                    "losses/latent_entropy": (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean().item(),
                     "charts/latent_sigma": sigma.mean().item(), "charts/latent_mu_abs": mu.abs().mean().item(),
                     "charts/action_abs": a_pi.abs().mean().item(),
                     "charts/action_std_over_batch": a_pi.std(0).mean().item(), "charts/stage": stage,
