@@ -102,6 +102,8 @@ class Args:
     """entropy coefficient when --no-autotune"""
     autotune: bool = True
     """tune alpha so the entropy estimate (see --tanh-correction) tracks -action_dim"""
+    entropy_target: Literal["latent", "action"] = "latent"
+    """'latent': alpha keeps -logp at -action_dim in every stage; 'action': minus the decoder's mean log-volume (measured at each refit), so the target stays -action_dim for the actions"""
     tanh_correction: bool = True
     """entropy terms use log pi(eps|s) - sum log(1 - tanh(u)^2), SAC's squashing correction; off: the bare latent log-density (its sigma ran to the clamp on cheetah-run)"""
     kl_coef: float = 1e-3
@@ -453,6 +455,18 @@ def boundary_diagnostics(actor, old_decoder, new_decoder, obs, samples: int = 32
     }
 
 
+def decoder_log_volume(decoder: FlowDecoder, obs: torch.Tensor) -> float:
+    """E log|det dg(s, eps)/d eps| over states and eps ~ N(0, I): how much the decoder expands (> 0) or
+    shrinks (< 0) volume, so entropy(u) = entropy(eps) + this. d backward passes give the per-sample
+    Jacobian rows (samples are independent, so the gradient of a column's sum is each sample's row)."""
+    if decoder.is_identity:
+        return 0.0
+    eps = torch.randn(obs.shape[0], decoder.out.out_features, device=obs.device, requires_grad=True)
+    u = decoder.integrate(obs, eps)  # (B, d)
+    rows = [torch.autograd.grad(u[:, j].sum(), eps, retain_graph=True)[0] for j in range(u.shape[1])]
+    return torch.linalg.slogdet(torch.stack(rows, dim=1)).logabsdet.mean().item()  # (B, d, d) Jacobians
+
+
 @torch.no_grad()
 def action_noise(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor, samples: int = 8) -> float:
     """Per-state spread of the executed action: std over `samples` draws of tanh(g(s, mu + sigma xi))
@@ -617,7 +631,6 @@ if __name__ == "__main__":
     decoder.requires_grad_(False)  # never trained by the RL losses; only refit in Phase 2
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr)
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr)
-    target_entropy = -float(act_dim)  # for the entropy estimate -logp of sample_action
     log_alpha = torch.zeros(1, device=device, requires_grad=True)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr)
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
@@ -626,7 +639,7 @@ if __name__ == "__main__":
     loop = {"global_step": 0, "stage": 0, "num_updates": 0, "update_credit": 0.0, "next_eval": 0, "next_log": 0,
             "next_video": args.video_interval, "next_checkpoint": args.checkpoint_interval, "last_eval": float("nan"),
             "episode_return": np.zeros(args.num_envs), "episode_length": np.zeros(args.num_envs, dtype=int),
-            "latest": {}}
+            "latest": {}, "target_entropy": -float(act_dim)}
     if ckpt is None:
         obs, _ = envs.reset(seed=args.seed)
         print(f"run directory: {run_dir}; device {device}; stages end at env steps {ends}")
@@ -655,6 +668,7 @@ if __name__ == "__main__":
         loop[k] for k in ("next_eval", "next_log", "next_video", "next_checkpoint", "last_eval"))
     episode_return, episode_length = loop["episode_return"], loop["episode_length"]
     latest = loop["latest"]  # the newest update's losses and batch statistics, for the logs
+    target_entropy = loop["target_entropy"]  # for the entropy estimate -logp of sample_action
     alpha = log_alpha.exp().item() if args.autotune else args.alpha
     pbar = common.progress_bar(args.total_timesteps, initial=global_step)
     interrupt = common.Interrupt()
@@ -679,7 +693,7 @@ if __name__ == "__main__":
         loop.update(global_step=global_step, stage=stage, num_updates=num_updates, update_credit=update_credit,
                     next_eval=next_eval, next_log=next_log, next_video=next_video, next_checkpoint=next_checkpoint,
                     last_eval=last_eval, episode_return=episode_return, episode_length=episode_length, obs=obs,
-                    latest=latest)
+                    latest=latest, target_entropy=target_entropy)
         common.save_checkpoint(checkpoint_path, {
             "script": "gorl_sac", "args": vars(args), "global_step": global_step, "stage": stage, "finished": finished,
             "obs_dim": obs_dim, "act_dim": act_dim, "actor": actor.state_dict(), "qf": qf.state_dict(),
@@ -732,10 +746,14 @@ if __name__ == "__main__":
             probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
             diagnostics = boundary_diagnostics(actor, old_decoder, new_decoder, probe)
 
+            log_volume = decoder_log_volume(new_decoder, probe[:512])
+
             # ---- Stage boundary: actor reset to N(0, I); critics, targets, alpha and buffer kept ----
             reset_latent_actor(actor, actor_optimizer)
             decoder = new_decoder
             stage += 1
+            if args.entropy_target == "action":  # entropy(a) = entropy(eps) + log-volume (+ tanh term, in logp)
+                target_entropy = -float(act_dim) - log_volume
             after = run_eval("boundary_after", stage)
             for name, value in {
                 "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
@@ -745,13 +763,15 @@ if __name__ == "__main__":
                 "charts/boundary_action_std_old": diagnostics["action_std_old"],
                 "charts/boundary_action_std_new": diagnostics["action_std_new"],
                 "charts/decoder_fit_seconds": time.time() - fit_start,
+                "charts/decoder_log_volume": log_volume, "losses/target_entropy": target_entropy,
             }.items():
                 logger.scalar(name, value, global_step)
             pbar.write(
                 f"stage {stage - 1} -> {stage} at step {global_step}: decoder val loss {fit['val_loss']:.3f} "
                 f"on {fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
                 f"{diagnostics['action_rms_deterministic']:.3f}; action std {diagnostics['action_std_old']:.3f} -> "
-                f"{diagnostics['action_std_new']:.3f}; alpha {alpha:.4f}; {time.time() - fit_start:.1f}s")
+                f"{diagnostics['action_std_new']:.3f}; alpha {alpha:.4f}; decoder log-volume {log_volume:.2f}; "
+                f"{time.time() - fit_start:.1f}s")
             if args.capture_video:
                 record_video(f"stage{stage}_start")
             save()  # a crash later in this stage does not repeat the refit
