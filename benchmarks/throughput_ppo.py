@@ -25,9 +25,10 @@ parser.add_argument("--env-id", default="hopper-stand")
 parser.add_argument("--num-envs", type=int, default=64, help="gorl_ppo.py's default")
 parser.add_argument("--total-timesteps", type=int, default=2_000_000, help="gorl_ppo.py's default")
 parser.add_argument("--raw-steps", type=int, default=200_000)
+parser.add_argument("--env-threads", type=int, default=2, help="envpool threads (gorl_ppo.py's default), for the raw rate and the training run")
 cli, extra = parser.parse_known_args()  # unknown flags are passed on to gorl_ppo.py
 
-envs = common.make_vector_env(cli.env_id, cli.num_envs, seed=0)
+envs = common.make_vector_env(cli.env_id, cli.num_envs, seed=0, threads=cli.env_threads)
 envs.reset(seed=0)
 actions = np.random.default_rng(0).uniform(-1, 1, (64, cli.num_envs, envs.single_action_space.shape[0]))
 start, steps = time.time(), 0
@@ -38,7 +39,8 @@ raw_rate = steps / (time.time() - start)
 envs.close()
 
 cmd = [sys.executable, os.path.join(ROOT, "gorl_ppo.py"), "--env-id", cli.env_id,
-       "--total-timesteps", str(cli.total_timesteps), "--exp-name", "throughput", *extra]
+       "--total-timesteps", str(cli.total_timesteps), "--exp-name", "throughput", "--env-threads", str(cli.env_threads),
+       *extra]
 start = time.time()
 out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, GORL_NO_PROGRESS="1"))
 wall = time.time() - start
