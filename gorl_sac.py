@@ -87,7 +87,7 @@ class Args:
     batch_size: int = 256
     """transitions per gradient update"""
     updates_per_step: float = 0.5
-    """critic updates per env step (update-to-data ratio; 0.5 = one update every 2 steps): one 256x256 update costs 14-19 ms on this CPU, 26-29 ms once the 10-step decoder is in the loop (benchmarks/throughput_sac.py)"""
+    """critic updates per env step (update-to-data ratio; 0.5 = one update every 2 steps): one 256x256 update costs 15 ms on this CPU, 24 ms once the 10-step decoder is in the loop (benchmarks/throughput_sac.py)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
