@@ -669,6 +669,7 @@ if __name__ == "__main__":
             refit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, stop=lambda: interrupt.requested)
             if refit is None:  # Ctrl-C / SIGTERM: the refit restarts from the stage-end checkpoint on resume
                 pbar.close()
+                logger.close()  # flushes tensorboard and eval.csv before exiting
                 interrupt.exit("gorl_ppo", run_dir, global_step, "stage_end" if args.save_model else "none")
             new_decoder, fit = refit
             if (bad := common.first_nonfinite({"losses/decoder_train": fit["train_loss"]})) is not None:
@@ -823,6 +824,7 @@ if __name__ == "__main__":
         if interrupt.requested:
             saved = save()
             pbar.close()
+            logger.close()  # flushes tensorboard and eval.csv before exiting
             interrupt.exit("gorl_ppo", run_dir, global_step, "now" if saved else "none")
         if global_step >= next_checkpoint:
             save()
