@@ -25,6 +25,12 @@ def script(name):
     return [sys.executable, os.path.join(ROOT, f"{name}.py")]
 
 
+def start(name, args, cwd):
+    """A run in the background, stdout and stderr together."""
+    return subprocess.Popen(script(name) + args, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
 def run(name, args, cwd, timeout=600):
     return subprocess.run(script(name) + args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -45,8 +51,7 @@ def the_run_dir(cwd, exp_name):
 
 def interrupt_when(name, args, cwd, exp_name, ready, sig):
     """Start a run, send `sig` once `ready(eval rows)` holds, and return (returncode, stdout)."""
-    proc = subprocess.Popen(script(name) + args + ["--exp-name", exp_name], cwd=cwd, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start(name, args + ["--exp-name", exp_name], cwd)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         dirs = glob.glob(str(cwd / "runs" / f"*__{exp_name}__*"))
@@ -99,8 +104,7 @@ PPO_RUN = ["--env-id", "cartpole-balance", "--num-envs", "8", "--num-steps", "32
 
 
 def test_ppo_interrupted_in_phase_1_and_in_a_refit_then_resumed_writes_the_same_eval_rows(tmp_path):
-    reference = subprocess.Popen(script("gorl_ppo") + PPO_RUN + ["--exp-name", "whole"], cwd=tmp_path, env=ENV,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = start("gorl_ppo", PPO_RUN + ["--exp-name", "whole"], tmp_path)
     # 1) Ctrl-C in the middle of stage 0 (mid-episode: the envs must be replayed on resume).
     code, out = interrupt_when("gorl_ppo", PPO_RUN, tmp_path, "cut", lambda rows: len(rows) >= 2, signal.SIGINT)
     run_dir = the_run_dir(tmp_path, "cut")
@@ -110,8 +114,7 @@ def test_ppo_interrupted_in_phase_1_and_in_a_refit_then_resumed_writes_the_same_
     assert ckpt["stage"] == 0 and 0 < ckpt["global_step"] < 4096 and not ckpt["finished"]
     assert ckpt["envs"]["history"], "interrupted at an episode start: the replay path is not exercised"
     # 2) resumed, then SIGINT again while the first decoder refit runs (right after boundary_before).
-    proc = subprocess.Popen(script("gorl_ppo") + ["--resume", run_dir], cwd=tmp_path, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start("gorl_ppo", ["--resume", run_dir], tmp_path)
     while proc.poll() is None and not any(r["tag"] == "boundary_before" for r in eval_rows(run_dir)):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -140,8 +143,7 @@ SAC_RUN = ["--env-id", "Pendulum-v1", "--total-timesteps", "1600", "--learning-s
 
 
 def test_sac_stopped_by_sigterm_then_resumed_writes_the_same_eval_rows_and_keeps_the_buffer(tmp_path):
-    reference = subprocess.Popen(script("gorl_sac") + SAC_RUN + ["--exp-name", "whole"], cwd=tmp_path, env=ENV,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    reference = start("gorl_sac", SAC_RUN + ["--exp-name", "whole"], tmp_path)
     code, out = interrupt_when("gorl_sac", SAC_RUN, tmp_path, "cut", lambda rows: len(rows) >= 4, signal.SIGTERM)
     run_dir = the_run_dir(tmp_path, "cut")
     assert code == 143, out
