@@ -786,12 +786,14 @@ if __name__ == "__main__":
                     # (returns are O(100) on dm_control) shrink the policy's step to almost nothing.
                     policy_grad = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
                     critic_grad = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
-                    # Checked before the step, so a bad update never reaches the parameters.
-                    bad = common.first_nonfinite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
-                                                  "losses/prior_kl": penalty, "gradient norm of the policy": policy_grad,
-                                                  "gradient norm of the critic": critic_grad})
-                    if bad is not None:
-                        stop_nonfinite(bad)
+                    # Checked before the step, so a bad update never reaches the parameters. One sum
+                    # is non-finite iff a term is (the loss holds every loss term); naming the
+                    # culprit costs more, so it only runs on failure.
+                    if not torch.isfinite(loss + policy_grad + critic_grad):
+                        stop_nonfinite(common.first_nonfinite({
+                            "losses/policy_loss": pg_loss, "losses/value_loss": v_loss, "losses/prior_kl": penalty,
+                            "losses/entropy": entropy, "gradient norm of the policy": policy_grad,
+                            "gradient norm of the critic": critic_grad}) or "sum of the losses and gradient norms")
                     optimizer.step()
             bad = common.first_nonfinite({"policy parameters": list(policy.parameters()),
                                           "critic parameters": list(critic.parameters())})
