@@ -70,6 +70,8 @@ def sample(cli) -> None:
         if terminated[0] or truncated[0]:
             break
     envs.close()
+    if missing := [t for t in cli.steps if t not in states]:
+        print(f"the episode ended after {t} steps: no states at steps {missing}", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(cli.out)), exist_ok=True)
     with open(cli.out, "w", newline="") as f:
         writer = csv.writer(f)
