@@ -29,11 +29,21 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 
+def fail(message: str) -> None:
+    """Bad input: one line on stderr, exit status 2 (as the training scripts do)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def load_policy(path: str, seed: int):
-    """(env_id, act) of a gorl_ppo.py or gorl_sac.py checkpoint; act(obs (B, obs_dim)) samples."""
-    payload = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+    """(env_id, sample, mean) of a gorl_ppo.py or gorl_sac.py checkpoint: sample(obs (B, obs_dim)) draws
+    stochastic actions (generator seeded `seed`), mean(obs) is the deterministic policy."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
+    except Exception as err:  # a truncated or foreign file: one line, not a traceback
+        fail(f"{path!r} is not readable ({type(err).__name__})")
     if not isinstance(payload, dict) or payload.get("script") not in ("gorl_ppo", "gorl_sac"):
-        sys.exit(f"error: {path!r} is not a gorl_ppo.py or gorl_sac.py checkpoint")
+        fail(f"{path!r} is not a gorl_ppo.py or gorl_sac.py checkpoint")
     if payload["script"] == "gorl_ppo":
         import gorl_ppo as script
 
@@ -51,12 +61,12 @@ def load_policy(path: str, seed: int):
 
 def sample(cli) -> None:
     if cli.labels and len(cli.labels) != len(cli.checkpoints):
-        sys.exit(f"error: --labels has {len(cli.labels)} names for {len(cli.checkpoints)} checkpoints")
+        fail(f"--labels has {len(cli.labels)} names for {len(cli.checkpoints)} checkpoints")
     labels = cli.labels or [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in cli.checkpoints]
     policies = [load_policy(p, cli.seed) for p in cli.checkpoints]
     env_ids = {env_id for env_id, _, _ in policies}
     if len(env_ids) != 1:
-        sys.exit(f"error: the checkpoints are for different tasks: {sorted(env_ids)}")
+        fail(f"the checkpoints are for different tasks: {sorted(env_ids)}")
     env_id = env_ids.pop()
     # States: one deterministic episode of the first policy.
     envs = common.make_vector_env(env_id, 1, cli.seed)
@@ -93,16 +103,18 @@ def plot(cli) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if not os.path.isfile(cli.csv):
+        fail(f"{cli.csv!r} does not exist (write it with 'sample')")
     with open(cli.csv) as f:
         rows = list(csv.DictReader(f))
     if not rows:
-        sys.exit(f"error: {cli.csv} holds no samples")
+        fail(f"{cli.csv} holds no samples")
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     steps = list(dict.fromkeys(int(r["state_step"]) for r in rows))
     i, j = cli.dims
     act_dim = sum(k.startswith("a") and k[1:].isdigit() for k in rows[0])
     if not (0 <= i < act_dim and 0 <= j < act_dim and i != j):
-        sys.exit(f"error: --dims {i} {j}: need two different action dimensions in 0..{act_dim - 1}")
+        fail(f"--dims {i} {j}: need two different action dimensions in 0..{act_dim - 1}")
     fig, axes = plt.subplots(len(steps), len(policies), figsize=(3.2 * len(policies), 3.0 * len(steps)),
                              squeeze=False, sharex=True, sharey=True)
     bins = np.linspace(-1, 1, 61)
