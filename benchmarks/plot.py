@@ -163,6 +163,27 @@ def table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def protocol_status(runs: dict) -> str:
+    """How much of the protocol grid (benchmarks/run.py's defaults) has finished runs, and which cells have none."""
+    import run  # benchmarks/run.py: the protocol's tasks and seeds are defined there once
+
+    defaults = run.Args()
+    cells, finished_runs, total_runs, missing = 0, 0, 0, []
+    for script in defaults.scripts:
+        for env in defaults.envs:
+            for variant in defaults.variants:
+                wanted = len(defaults.hopper_seeds if env == "hopper-stand" else defaults.seeds)
+                done = sum(finished(r) for r in runs.get((script, env, variant), {}).values())
+                cells += done > 0
+                finished_runs += min(done, wanted)
+                total_runs += wanted
+                if not done:
+                    missing.append(f"{script.upper()} {env} {LABEL[variant]}")
+    n_cells = len(defaults.scripts) * len(defaults.envs) * len(defaults.variants)
+    text = f"Protocol: {cells} of {n_cells} cells have a finished run; {finished_runs} of {total_runs} runs finished."
+    return text + (" No finished run yet: " + ", ".join(missing) + "." if missing else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="benchmarks/results/grid")
@@ -175,6 +196,7 @@ def main() -> None:
         plot_curves(runs, script, os.path.join(cli.out, f"curves_{script}.png"))
     notes = plot_aggregate(runs, os.path.join(cli.out, "aggregate.png"))
     text = table(runs) + ("\n\nAggregate (IQM): " + "; ".join(notes) + "." if notes else "")
+    text += "\n\n" + protocol_status(runs)
     with open(os.path.join(cli.out, "results.md"), "w") as f:
         f.write(text + "\n")
     if cli.readme:

@@ -100,6 +100,11 @@ def test_report_rebuilds_figures_and_the_readme_table_from_csvs_in_under_a_minut
     assert "| PPO | cheetah-run | GoRL | 3 | 520.0 ± 8.2 | 510.0, 520.0, 530.0 | 400→391; 400→392; 400→393 | 3000 |" in text
     assert "| PPO | walker-walk | Gaussian twin (K=1) | 3 | 470.0 ± 8.2 |" in text
     assert "PPO GoRL: 2 tasks x 3 seeds" in text
+    # 2 tasks x 2 variants x 3 seeds of PPO finished; the status names what the protocol still lacks.
+    status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
+    assert status.startswith("Protocol: 4 of 24 cells have a finished run; 12 of 80 runs finished.")
+    assert "PPO finger-spin GoRL" in status and "SAC walker-walk Gaussian twin (K=1)" in status
+    assert "PPO cheetah-run GoRL" not in status
 
 
 def test_two_peaks_reward_and_multimodality_sample_and_plot(tmp_path):
