@@ -72,7 +72,7 @@ class Args:
     env_backend: str = "auto"
     """auto (envpool where it has the dm_control task, else dm_control), envpool, or dm_control"""
     env_threads: int = 2
-    """envpool simulator threads; 2 uses the second core while the envs step (same results; Phase 1 on hopper-stand ran 4.1-4.3k env steps/s with 2 on an idle machine, README)"""
+    """envpool simulator threads; 2 uses the second core while the envs step (same results; a 600k hopper-stand run: 2,865 env steps/s with 2, 1,862 with 1 in an earlier session, README)"""
     total_timesteps: int = 2_000_000
     """total env steps of training, all stages together"""
     num_envs: int = 64
