@@ -24,7 +24,8 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gorl_sac as G  # noqa: E402
 
-OBS, ACT, HIDDEN, BATCH = 24, 6, 256, 256
+OBS, ACT = 24, 6
+HIDDEN, BATCH = 256, 256  # --hidden / --batch-size change them for every variant
 
 
 class SeparateTwinQ(nn.Module):
@@ -99,8 +100,13 @@ def main():
     parser.add_argument("--updates", type=int, default=50, help="updates per variant and round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--hidden", type=int, default=256, help="width of actor and critic MLPs")
+    parser.add_argument("--batch-size", type=int, default=256, help="transitions per update")
+    parser.add_argument("--default-only", action="store_true", help="time only the script's default variant")
     parser.add_argument("--out", default="benchmarks/results/throughput_sac.csv")
     cli = parser.parse_args()
+    global HIDDEN, BATCH
+    HIDDEN, BATCH = cli.hidden, cli.batch_size
     variants = [
         ("all measures (script default)", {}),
         ("2 torch threads", {"threads": 2}),
@@ -108,6 +114,8 @@ def main():
         ("per-parameter Polyak loop", {"fused_polyak": False}),
         ("critic weight grads in actor update", {"skip_critic_grads": False}),
     ]
+    if cli.default_only:
+        variants = variants[:1]
     if cli.compile:
         variants.append(("torch.compile of actor, critics, decoder", {"compile_": True}))
     # Variants are timed in interleaved rounds and the median kept, so that a neighbour process
@@ -126,7 +134,8 @@ def main():
             ms = float(np.median(times[name]))
             rows.append({"decoder": "flow (after a refit)" if flow else "identity (stage 0)", "variant": name,
                          "ms_per_update": round(ms, 2), "updates_per_s": round(1e3 / ms, 1),
-                         "rounds": cli.rounds, "updates_per_round": cli.updates})
+                         "hidden": HIDDEN, "batch_size": BATCH, "rounds": cli.rounds,
+                         "updates_per_round": cli.updates})
             print(rows[-1], flush=True)
     os.makedirs(os.path.dirname(cli.out), exist_ok=True)
     with open(cli.out, "w", newline="") as f:
