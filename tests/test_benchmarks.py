@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
 RUNNER = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py")]
@@ -137,3 +139,24 @@ def test_two_peaks_reward_and_multimodality_sample_and_plot(tmp_path):
     assert plot.returncode == 0 and (tmp_path / "mm" / "toy_dims01.png").stat().st_size > 10_000, plot.stderr
     bad = subprocess.run(tool + ["plot", str(out), "--dims", "0", "5"], env=ENV, capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --dims 0 5")
+
+
+def test_two_peaks_repeat_pays_for_covering_both_peaks():
+    sys.path.insert(0, ROOT)
+    from benchmarks import toy_two_peaks as toy
+
+    env = toy.TwoPeaksRepeat()
+    obs, _ = env.reset(seed=0)
+    rewards, ends = [], []
+    for _ in range(toy.HORIZON):  # the same peak every step: each hit is worth half the one before
+        obs, r, terminated, truncated, _ = env.step(toy.PEAKS[0])
+        rewards.append(r)
+        ends.append((terminated, truncated))
+    assert np.allclose(rewards, 0.5 ** np.arange(toy.HORIZON), atol=1e-4)
+    assert ends[-1] == (True, False) and not any(t for t, _ in ends[:-1])
+    assert np.allclose(obs, [1.0, 1.0])  # time is observed; which peak was hit is not
+    env.reset()
+    env.step(toy.PEAKS[0])
+    assert abs(env.step(toy.PEAKS[1])[1] - 1.0) < 1e-4  # the other peak is still fresh
+    one_peak, both = toy.expected_return(1.0, episodes=50), toy.expected_return(0.5, episodes=2000)
+    assert abs(one_peak - 2 * (1 - 0.5**toy.HORIZON)) < 1e-3 and 3.4 < both < 3.8
