@@ -27,9 +27,15 @@ PEAKS = np.array([[0.6, 0.6], [-0.6, -0.6]], np.float32)
 WIDTH = 0.2
 
 
-def reward(action: np.ndarray) -> float:
+def bumps(action: np.ndarray) -> np.ndarray:
+    """Each peak's Gaussian bump at the action, shape (2,)."""
     d2 = ((np.asarray(action, np.float32)[None] - PEAKS) ** 2).sum(-1)
-    return float(np.exp(-d2 / (2 * WIDTH**2)).sum())
+    return np.exp(-d2 / (2 * WIDTH**2))
+
+
+def reward(action: np.ndarray) -> float:
+    """TwoPeaks-v0's reward: both bumps summed."""
+    return float(bumps(action).sum())
 
 
 class TwoPeaks(gym.Env):
@@ -49,12 +55,6 @@ class TwoPeaks(gym.Env):
 
 
 HORIZON, DECAY = 8, 0.5
-
-
-def bumps(action: np.ndarray) -> np.ndarray:
-    """Each peak's Gaussian bump at the action, shape (2,)."""
-    d2 = ((np.asarray(action, np.float32)[None] - PEAKS) ** 2).sum(-1)
-    return np.exp(-d2 / (2 * WIDTH**2))
 
 
 def expected_return(p_first: float, episodes: int = 20_000, seed: int = 0) -> float:
