@@ -167,3 +167,22 @@ def test_decoder_log_volume_matches_brute_force_jacobians():
         lambda e: decoder.integrate(obs[i:i + 1], e[None])[0], eps[i])).logabsdet for i in range(4)]
     assert abs(estimate - torch.stack(brute).mean().item()) < 1e-5
     assert gorl_sac.decoder_log_volume(gorl_sac.FlowDecoder(5, 2, 16, 2, 10), obs) == 0.0  # identity at init
+
+
+def test_split_first_layer_decode_equals_the_plain_euler_loop():
+    _, _, _, decoder = _nets()
+    decoder.obs_mean.normal_()
+    decoder.obs_var.uniform_(0.5, 2.0)
+    for n in (1, 64):
+        obs = torch.randn(n, 5)
+        eps = torch.randn(n, 2, requires_grad=True)
+        u_plain = decoder.integrate(obs, eps)
+        (g_plain,) = torch.autograd.grad(u_plain.pow(2).sum(), eps)
+        u_split = decoder.integrate_split(obs, eps)
+        (g_split,) = torch.autograd.grad(u_split.pow(2).sum(), eps)
+        assert (u_plain - eps).abs().max() > 0.1  # a decoder that does something
+        torch.testing.assert_close(u_split, u_plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_split, g_plain, rtol=1e-5, atol=1e-5)
+    # forward() takes the split path by default and the plain loop when asked
+    decoder.split_first_layer = False
+    assert torch.equal(decoder(obs, eps), decoder.integrate(obs, eps))
