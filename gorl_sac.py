@@ -668,7 +668,7 @@ if __name__ == "__main__":
     loop = {"global_step": 0, "stage": 0, "num_updates": 0, "update_credit": 0.0, "next_eval": 0, "next_log": 0,
             "next_video": args.video_interval, "next_checkpoint": args.checkpoint_interval, "last_eval": float("nan"),
             "episode_return": np.zeros(args.num_envs), "episode_length": np.zeros(args.num_envs, dtype=int),
-            "latest": {}, "target_entropy": -float(act_dim)}
+            "latest": {}, "target_entropy": -float(act_dim), "env_time": 0.0, "update_time": 0.0}
     if ckpt is None:
         obs, _ = envs.reset(seed=args.seed)
         print(f"run directory: {run_dir}; device {device}; stages end at env steps {ends}")
@@ -697,6 +697,8 @@ if __name__ == "__main__":
         loop[k] for k in ("next_eval", "next_log", "next_video", "next_checkpoint", "last_eval"))
     episode_return, episode_length = loop["episode_return"], loop["episode_length"]
     latest = loop["latest"]  # the newest update's losses and batch statistics, for the logs
+    # seconds spent in the simulator and in gradient updates (pauses excluded), to say where the time goes
+    env_time, update_time = loop.get("env_time", 0.0), loop.get("update_time", 0.0)
     target_entropy = loop["target_entropy"]  # for the entropy estimate -logp of sample_action
     alpha = log_alpha.exp().item() if args.autotune else args.alpha
     pbar = common.progress_bar(args.total_timesteps, initial=global_step)
@@ -722,7 +724,7 @@ if __name__ == "__main__":
         loop.update(global_step=global_step, stage=stage, num_updates=num_updates, update_credit=update_credit,
                     next_eval=next_eval, next_log=next_log, next_video=next_video, next_checkpoint=next_checkpoint,
                     last_eval=last_eval, episode_return=episode_return, episode_length=episode_length, obs=obs,
-                    latest=latest, target_entropy=target_entropy)
+                    latest=latest, target_entropy=target_entropy, env_time=env_time, update_time=update_time)
         common.save_checkpoint(checkpoint_path, {
             "script": "gorl_sac", "args": vars(args), "global_step": global_step, "stage": stage, "finished": finished,
             "obs_dim": obs_dim, "act_dim": act_dim, "actor": actor.state_dict(), "qf": qf.state_dict(),
@@ -815,7 +817,9 @@ if __name__ == "__main__":
             with torch.no_grad():
                 a_t, u_t, _, _, _ = sample_action(actor, decoder, torch.as_tensor(obs, device=device))
             action, u = a_t.cpu().numpy(), u_t.cpu().numpy()
+        t_env = time.perf_counter()
         next_obs, reward, terminated, truncated, infos = envs.step(action)
+        env_time += time.perf_counter() - t_env
         done = terminated | truncated
         real_next_obs = next_obs.copy()  # the true next state; a truncated episode still bootstraps from it
         if done.any():
@@ -833,6 +837,7 @@ if __name__ == "__main__":
 
         if global_step > args.learning_starts:
             update_credit += args.updates_per_step * args.num_envs
+            t_update = time.perf_counter()
             while update_credit >= 1.0:
                 update_credit -= 1.0
                 num_updates += 1
@@ -861,6 +866,7 @@ if __name__ == "__main__":
 
                 with torch.no_grad():  # Polyak averaging, one fused op over all parameters
                     torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
+            update_time += time.perf_counter() - t_update
 
             if global_step >= next_log and "actor_loss" in latest:
                 next_log += 1000
@@ -880,6 +886,8 @@ if __name__ == "__main__":
                     "charts/action_std_over_batch": a_pi.std(0).mean().item(), "charts/stage": stage,
                     "charts/action_noise_std": action_noise(actor, decoder, latest["obs"]),
                     "charts/SPS": global_step / logger.wall_time(),
+                    "charts/env_time_fraction": env_time / logger.wall_time(),
+                    "charts/update_time_fraction": update_time / logger.wall_time(),
                 }.items():
                     logger.scalar(name, value, global_step)
 
@@ -905,6 +913,7 @@ if __name__ == "__main__":
     pbar.close()
     elapsed = logger.wall_time()
     print(f"final deterministic return {final.mean():.1f} +- {final.std():.1f}; {global_step} env steps in "
-          f"{elapsed:.0f}s ({global_step / elapsed:.0f} steps/s, {num_updates} updates)")
+          f"{elapsed:.0f}s ({global_step / elapsed:.0f} steps/s, {num_updates} updates; updates "
+          f"{update_time / elapsed:.0%}, env {env_time / elapsed:.0%} of wall time)")
     envs.close()
     logger.close()
