@@ -151,9 +151,6 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    # the final line says where the wall time went: (.. N updates; updates X%, env Y% of wall time)
-    shares = re.search(r"(\d+) updates; updates (\d+)%, env (\d+)% of wall time", result.stdout)
-    assert shares and int(shares.group(1)) == 600 and 0 < int(shares.group(2)) + int(shares.group(3)) <= 100
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     with open(os.path.join(run_dir, "eval.csv")) as f:
         rows = {r["tag"]: float(r["return_mean"]) for r in csv.DictReader(f)}
