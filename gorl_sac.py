@@ -84,10 +84,10 @@ class Args:
     # ---- SAC (Phase 1, latent actor) ----
     buffer_size: int = 1_000_000
     """replay buffer capacity (transitions)"""
-    batch_size: int = 256
-    """transitions per gradient update"""
-    updates_per_step: float = 0.2
-    """critic updates per env step (update-to-data ratio; 0.2 = one update every 5 steps): an update costs 13-17 ms on this CPU, 22-26 ms once the 10-step decoder is in the loop, so a higher ratio misses 150 env steps/s (README, GoRL-SAC, Speed)"""
+    batch_size: int = 128
+    """transitions per gradient update (128, not the usual 256: ~60% of the update cost on this CPU, and it learned walker-walk as well; README, GoRL-SAC, Speed)"""
+    updates_per_step: float = 0.5
+    """critic updates per env step (update-to-data ratio; 0.5 = one update every 2 steps): ratio 0.2 ran faster but learned walker-walk to only 574 in 500k steps (README, GoRL-SAC, Speed)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gorl_sac as G  # noqa: E402
 
 OBS, ACT = 24, 6
-HIDDEN, BATCH = 256, 256  # --hidden / --batch-size change them for every variant
+HIDDEN, BATCH = G.Args.hidden, G.Args.batch_size  # the script's defaults; --hidden / --batch-size change them
 
 
 class SeparateTwinQ(nn.Module):
@@ -100,8 +100,8 @@ def main():
     parser.add_argument("--updates", type=int, default=50, help="updates per variant and round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
-    parser.add_argument("--hidden", type=int, default=256, help="width of actor and critic MLPs")
-    parser.add_argument("--batch-size", type=int, default=256, help="transitions per update")
+    parser.add_argument("--hidden", type=int, default=G.Args.hidden, help="width of actor and critic MLPs")
+    parser.add_argument("--batch-size", type=int, default=G.Args.batch_size, help="transitions per update")
     parser.add_argument("--default-only", action="store_true", help="time only the script's default variant")
     parser.add_argument("--out", default="benchmarks/results/throughput_sac.csv")
     cli = parser.parse_args()

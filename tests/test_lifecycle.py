@@ -245,7 +245,7 @@ BAD_INPUT = [
     ("gorl_sac", ["--total-timesteps", "6000", "--num-stages", "3", "--stage-fractions", "1", "1"], {},
      "must be 3 positive numbers"),
     ("gorl_sac", ["--total-timesteps", "5100", "--num-stages", "3"], {}, "stage 0 must outlast --learning-starts"),
-    ("gorl_sac", ["--learning-starts", "100"], {}, "less than one --batch-size 256"),
+    ("gorl_sac", ["--learning-starts", "100"], {}, "less than one --batch-size 128"),
     ("gorl_ppo", ["--checkpoint-interval", "0"], {}, "--checkpoint-interval must be positive"),
     ("gorl_ppo", ["--num-stages", "2", "--stage-fractions", "1", "-1"], {}, "must be 2 positive numbers"),
     ("gorl_ppo", ["--eval-stochastic"], {}, "--eval-stochastic only applies with --eval-only"),
