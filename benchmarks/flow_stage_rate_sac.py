@@ -53,8 +53,8 @@ def main():
         torch.save(ckpt, os.path.join(work, "checkpoint.pt"))
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "gorl_sac.py"), "--resume", work],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(os.environ, GORL_NO_PROGRESS="1"))
-        start = None
+                                env=dict(os.environ, GORL_NO_PROGRESS="1", PYTHONUNBUFFERED="1"))
+        start = None  # the child is unbuffered: a block-buffered 'resuming' line would arrive late and skew t0
         for line in proc.stdout:
             if m := re.search(r"resuming .* at env step (\d+)", line):
                 start, t0 = int(m.group(1)), time.time()

@@ -12,10 +12,12 @@ them, while a policy that can be bimodal can cover both. Used by benchmarks/mult
 
 TwoPeaksRepeat-v0 (where covering both peaks pays): HORIZON steps per episode, and a peak's bump is
 worth DECAY^n, n its (soft) count of earlier hits in the episode, so hitting the same peak again earns
-less and less. The observation is (1, t / HORIZON) and carries no record of which peak was hit, so no
-policy can alternate on purpose: a policy that stays on one peak earns about 2 per episode
-(1 + 1/2 + 1/4 + ...), one that picks either peak at random with probability 1/2 earns about 3.6
-(both values by `expected_return`). A Gaussian cannot do the latter; a bimodal policy can.
+less and less. The observation is the same at every step, (1, 0): it shows neither which peak was
+hit nor the time (with the time observed, a deterministic policy could alternate peaks by the clock's
+parity and earn 3.75, which is what a first version of this toy taught a Gaussian policy). So every
+deterministic policy plays one action all episode and earns at most about 2 (1 + 1/2 + 1/4 + ...,
+one peak), while one that picks either peak at random with probability 1/2 earns about 3.6 (both by
+`expected_return`). A Gaussian cannot do the latter; a bimodal policy can.
 """
 
 from __future__ import annotations
@@ -87,9 +89,9 @@ class TwoPeaksRepeat(gym.Env):
         reward = float((b * DECAY**self.hits).sum())
         self.hits += b  # a near miss counts partly, so the reward stays smooth in the action
         self.t += 1
-        # The episode ends after HORIZON steps; the time feature makes that a terminal state the
-        # critics can see coming, not a truncation.
-        return np.array([1.0, self.t / HORIZON], np.float32), reward, self.t == HORIZON, False, {}
+        # The episode really ends after HORIZON steps (a termination), though the unchanged observation
+        # gives the critics no warning: to them the end looks random.
+        return np.array([1.0, 0.0], np.float32), reward, self.t == HORIZON, False, {}
 
 
 gym.register("TwoPeaks-v0", entry_point=TwoPeaks)
