@@ -146,8 +146,6 @@ class Args:
     """steps between validation checks"""
     decoder_split_first_layer: bool = True
     """speed: compute the state and time shares of the decoder's first layer once per decode, not at every Euler step (same u up to float rounding; off: the plain Euler loop)"""
-    compile_decoder: bool = False
-    """speed: torch.compile the decoder's Euler loop after each refit (same u up to float rounding; ~10-20 s of compiling per batch size at the first decodes; README, GoRL-SAC, Speed)"""
     u_clip: float = 3.0
     """targets are clipped to |u| <= u_clip so the decoder does not chase tanh saturation"""
 
@@ -236,10 +234,9 @@ class FlowDecoder(nn.Module):
     """
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int,
-                 split_first_layer: bool = True, compile_euler: bool = False):
+                 split_first_layer: bool = True):
         super().__init__()
-        self.euler_steps, self.split_first_layer, self.compile_euler = euler_steps, split_first_layer, compile_euler
-        self.compiled_integrate = None  # torch.compile of the Euler loop, made at the first decode (compile_euler)
+        self.euler_steps, self.split_first_layer = euler_steps, split_first_layer
         dims = [obs_dim + act_dim + 8] + [hidden] * layers
         mods: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -296,12 +293,7 @@ class FlowDecoder(nn.Module):
     def forward(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         if self.is_identity:
             return eps
-        integrate = self.integrate_split if self.split_first_layer else self.integrate
-        if self.compile_euler:  # one graph per batch size and grad mode, compiled when first met
-            if self.compiled_integrate is None:
-                self.compiled_integrate = torch.compile(integrate, dynamic=False)
-            integrate = self.compiled_integrate
-        return integrate(obs, eps)
+        return self.integrate_split(obs, eps) if self.split_first_layer else self.integrate(obs, eps)
 
 
 # ---- helpers ----
@@ -429,7 +421,7 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
     with the best validation loss. Returns None if `stop()` turns true (Ctrl-C), and stops early
     with a NaN train loss if the loss stops being finite."""
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
-                          args.decoder_split_first_layer, args.compile_decoder).to(device)
+                          args.decoder_split_first_layer).to(device)
     decoder.obs_mean.copy_(obs.mean(0))  # statistics of the refit data, frozen with the decoder
     decoder.obs_var.copy_(obs.var(0))
     decoder.is_identity.fill_(False)
@@ -470,7 +462,6 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
 
 
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")  # one-off batch sizes: compiling them would cost more than it saves
 def boundary_diagnostics(actor, old_decoder, new_decoder, obs, samples: int = 32) -> dict:
     """Action-space checks of a refit (spec §7). Old composite policy tanh(g_old(s, mu + sigma xi));
     new one after the reset: tanh(g_new(s, xi))."""
@@ -502,7 +493,6 @@ def decoder_log_volume(decoder: FlowDecoder, obs: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-@torch.compiler.set_stance("force_eager")  # a logging-only batch size, not worth a compiled graph
 def action_noise(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor, samples: int = 8) -> float:
     """Per-state spread of the executed action: std over `samples` draws of tanh(g(s, mu + sigma xi))
     at each state, averaged over states and dims. This is the exploration noise the env sees; alpha
@@ -664,7 +654,7 @@ if __name__ == "__main__":
     qf = TwinQ(obs_dim, act_dim, args.hidden, args.layers).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
-                          args.decoder_split_first_layer, args.compile_decoder).to(device)
+                          args.decoder_split_first_layer).to(device)
     decoder.requires_grad_(False)  # never trained by the RL losses; only refit in Phase 2
     # fused: one kernel per step for all parameters; the optimizer steps of an update took 0.7 ms
     # instead of 1.9 on this CPU (README, GoRL-SAC, Speed). Same algorithm.
@@ -793,8 +783,6 @@ if __name__ == "__main__":
             # ---- Stage boundary: actor reset to N(0, I); critics, targets, alpha and buffer kept ----
             reset_latent_actor(actor, actor_optimizer)
             decoder = new_decoder
-            if args.compile_decoder:
-                torch._dynamo.reset()  # drop the old decoder's graphs; the new one compiles at its first decodes
             stage += 1
             if args.entropy_target == "action":  # entropy(a) = entropy(eps) + log-volume (+ tanh term, in logp)
                 target_entropy = -float(act_dim) - log_volume

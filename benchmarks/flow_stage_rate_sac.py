@@ -1,14 +1,12 @@
 """Env steps/s of the real gorl_sac.py loop after a refit (10-step decoder in the loop), for a few
-settings that a checkpoint can change: the update-to-data ratio, the split-layer decode and the
-compiled decode.
+settings that a checkpoint can change: the update-to-data ratio and the split-layer decode.
 
-    python benchmarks/flow_stage_rate_sac.py RUN_DIR --seconds 100 --configs eager:0.5:1:0 compiled:0.5:1:1
+    python benchmarks/flow_stage_rate_sac.py RUN_DIR --seconds 100 --configs plain05:0.5:0 split05:0.5:1 split025:0.25:1
 
 RUN_DIR is a gorl_sac.py run directory whose checkpoint is in a later stage (after a refit). For
-each config NAME:RATIO:SPLIT[:COMPILE] the run is copied to /tmp, its saved arguments changed, resumed with
+each config NAME:RATIO:SPLIT the run is copied to /tmp, its saved arguments changed, resumed with
 --resume, and stopped by SIGTERM after --seconds; the rate counts env steps from the 'resuming'
-line to the stop (loading the buffer is not counted; evaluations and any compiling that fall in
-the window are; compiled graphs are cached on disk by torch, so a second run compiles less).
+line to the stop (loading the buffer is not counted; evaluations that fall in the window are).
 Rows are appended to --out. Network widths cannot change this way: they are the checkpoint's.
 """
 
@@ -32,9 +30,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--seconds", type=float, default=100.0, help="how long each config runs after resuming")
-    parser.add_argument("--configs", nargs="+", default=["eager:0.5:1:0", "compiled:0.5:1:1"],
-                        help="NAME:UPDATES_PER_STEP:SPLIT[:COMPILE] (1 or 0: --decoder-split-first-layer, "
-                             "--compile-decoder; COMPILE defaults to 0)")
+    parser.add_argument("--configs", nargs="+", default=["plain05:0.5:0", "split05:0.5:1", "split025:0.25:1"],
+                        help="NAME:UPDATES_PER_STEP:SPLIT (SPLIT 1 or 0: --decoder-split-first-layer)")
     parser.add_argument("--out", default="benchmarks/results/flow_stage_rate_sac.csv")
     cli = parser.parse_args()
     ckpt_path = os.path.join(cli.run_dir, "checkpoint.pt")
@@ -43,20 +40,16 @@ def main():
     rows = []
     for config in cli.configs:
         try:
-            name, ratio, split, *compiled = config.split(":")
-            flag = {"1": True, "0": False}
-            ratio, split, compiled = float(ratio), flag[split], flag[compiled[0]] if compiled else False
-            if len(config.split(":")) > 4:
-                raise ValueError
+            name, ratio, split = config.split(":")
+            ratio, split = float(ratio), {"1": True, "0": False}[split]
         except (ValueError, KeyError):
-            sys.exit(f"error: --configs {config!r} is not NAME:UPDATES_PER_STEP:SPLIT[:COMPILE] with SPLIT, "
-                     "COMPILE 0 or 1")
+            sys.exit(f"error: --configs {config!r} is not NAME:UPDATES_PER_STEP:SPLIT with SPLIT 0 or 1")
         work = os.path.join(tempfile.mkdtemp(prefix="flow_rate_"), name)
         shutil.copytree(cli.run_dir, work)
         ckpt = torch.load(os.path.join(work, "checkpoint.pt"), weights_only=False)
         if ckpt["loop"]["stage"] == 0:
             sys.exit(f"error: {ckpt_path} is in stage 0 (decoder = identity); this measures the stages after a refit")
-        ckpt["args"].update(updates_per_step=ratio, decoder_split_first_layer=split, compile_decoder=compiled)
+        ckpt["args"].update(updates_per_step=ratio, decoder_split_first_layer=split)
         torch.save(ckpt, os.path.join(work, "checkpoint.pt"))
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "gorl_sac.py"), "--resume", work],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -75,8 +68,8 @@ def main():
         if start is None or stop is None:
             sys.exit(f"error: config {name}: the resumed run did not start or stop as expected:\n{tail[-2000:]}")
         steps = int(stop.group(1)) - start
-        rows.append({"config": name, "updates_per_step": ratio, "split_first_layer": split, "compile": compiled,
-                     "hidden": ckpt["args"]["hidden"], "batch_size": ckpt["args"]["batch_size"], "env_id": ckpt["args"]["env_id"], "from_step": start,
+        rows.append({"config": name, "updates_per_step": ratio, "split_first_layer": split,
+                     "hidden": ckpt["args"]["hidden"], "env_id": ckpt["args"]["env_id"], "from_step": start,
                      "env_steps": steps, "seconds": round(t1 - t0, 1), "steps_per_s": round(steps / (t1 - t0), 1)})
         print(rows[-1], flush=True)
         shutil.rmtree(os.path.dirname(work), ignore_errors=True)
