@@ -83,15 +83,20 @@ def grid(args: Args) -> list[dict]:
     return jobs
 
 
+def _finished(eval_csv: str) -> bool:
+    if not os.path.exists(eval_csv):
+        return False
+    with open(eval_csv) as f:
+        rows = list(csv.DictReader(f))
+    return bool(rows) and rows[-1]["tag"] == "final"
+
+
 def state(job: dict) -> str:
-    """'done', 'resume' (has a checkpoint) or 'start'."""
+    """'done', 'resume' (has a checkpoint) or 'start'. The committed OUT/csv/<name>.csv counts as done
+    too: run directories are not committed, so a fresh clone has only the CSVs of finished runs."""
     run_dir = os.path.join(job["out"], "runs", job["name"])
-    eval_csv = os.path.join(run_dir, "eval.csv")
-    if os.path.exists(eval_csv):
-        with open(eval_csv) as f:
-            rows = list(csv.DictReader(f))
-        if rows and rows[-1]["tag"] == "final":
-            return "done"
+    if _finished(os.path.join(run_dir, "eval.csv")) or _finished(os.path.join(job["out"], "csv", f"{job['name']}.csv")):
+        return "done"
     return "resume" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else "start"
 
 
@@ -122,20 +127,53 @@ def run_job(job: dict) -> dict:
         if code != 0:
             return {"name": job["name"], "status": f"failed (exit {code}, see logs/{job['name']}.log)"}
         status = "finished"
-    os.makedirs(os.path.join(job["out"], "csv"), exist_ok=True)
-    shutil.copyfile(os.path.join(job["out"], "runs", job["name"], "eval.csv"),
-                    os.path.join(job["out"], "csv", f"{job['name']}.csv"))
+    eval_csv = os.path.join(job["out"], "runs", job["name"], "eval.csv")
+    if os.path.exists(eval_csv):  # absent when only the committed CSV is left (a fresh clone)
+        os.makedirs(os.path.join(job["out"], "csv"), exist_ok=True)
+        shutil.copyfile(eval_csv, os.path.join(job["out"], "csv", f"{job['name']}.csv"))
     return {"name": job["name"], "status": status}
 
 
+SCRIPTS = ("gorl_ppo.py", "gorl_sac.py", "common.py")
+
+
+def restore_code(code: str) -> None:
+    """Rebuild the frozen copies from git in a fresh clone (they are not committed, COMMIT is). Each
+    line of COMMIT that starts with a commit hash names the scripts taken from that commit, or
+    none for all three; later lines override earlier ones."""
+    source = {}
+    with open(os.path.join(code, "COMMIT")) as f:
+        for line in f:
+            sha = line.split()[0] if line.strip() else ""
+            if len(sha) != 40 or any(c not in "0123456789abcdef" for c in sha):
+                continue
+            if "with uncommitted changes" in line:
+                sys.exit(f"error: {code}/COMMIT records uncommitted changes ({sha}); the frozen scripts cannot "
+                         "be rebuilt from git, restore them by hand or start a new --out")
+            named = [name for name in SCRIPTS if name in line]
+            source.update({name: sha for name in (named or SCRIPTS)})
+    for name in SCRIPTS:
+        if name not in source:
+            sys.exit(f"error: {code}/COMMIT names no commit for {name}; allowed: lines '<40-hex commit> (files)'")
+        shown = subprocess.run(["git", "show", f"{source[name]}:{name}"], cwd=REPO, capture_output=True, text=True)
+        if shown.returncode != 0:
+            sys.exit(f"error: cannot rebuild {name} from commit {source[name]} ({shown.stderr.strip()})")
+        with open(os.path.join(code, name), "w") as f:
+            f.write(shown.stdout)
+
+
 def freeze_code(out: str) -> None:
-    """Runs use a copy of the scripts (with the commit it came from), so editing the repository
-    does not change a grid in progress; the copy is kept once made."""
+    """Runs use a copy of the scripts (with the commit it came from, in COMMIT), so editing the
+    repository does not change a grid in progress; the copy is kept once made, and rebuilt from
+    COMMIT in a fresh clone."""
     code = os.path.join(out, "code")
-    if os.path.exists(os.path.join(code, "gorl_ppo.py")):
+    if all(os.path.exists(os.path.join(code, name)) for name in SCRIPTS):
+        return
+    if os.path.exists(os.path.join(code, "COMMIT")):
+        restore_code(code)
         return
     os.makedirs(code, exist_ok=True)
-    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
+    for name in SCRIPTS:
         shutil.copyfile(os.path.join(REPO, name), os.path.join(code, name))
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "gorl_ppo.py", "gorl_sac.py", "common.py"],

@@ -70,6 +70,49 @@ def test_grid_runs_through_submitit_skips_finished_runs_and_resumes_interrupted_
     assert again.returncode == 0 and again.stdout.count(": done") == 4, again.stdout + again.stderr
 
 
+def test_fresh_clone_counts_committed_csvs_as_done_and_rebuilds_the_frozen_code_from_commit(tmp_path):
+    # A fresh clone holds OUT/csv/*.csv and OUT/code/COMMIT but neither run directories nor code copies.
+    out = tmp_path / "grid"
+    (out / "csv").mkdir(parents=True)
+    for variant in ("gorl", "twin"):
+        for seed in (1, 2):
+            _write_run(out / "csv" / f"sac__tests.toy_envs:Toy-v0__{variant}__s{seed}.csv", final=5.0)
+    (out / "code").mkdir()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.split()[0]
+    # the first commit for every script, then HEAD for gorl_sac.py only: later lines win, per script
+    (out / "code" / "COMMIT").write_text(f"{head}\n{head} (gorl_sac.py, a note)\nnot a commit line\n")
+    dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
+    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to start", dry.stdout + dry.stderr
+    result = subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.count(": done") == 4, result.stdout + result.stderr
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
+    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
+        shown = subprocess.run(["git", "show", f"{head}:{name}"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert (out / "code" / name).read_text() == shown, name
+
+    # the per-script override: gorl_sac.py from an older commit than the rest
+    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
+        (out / "code" / name).unlink()
+    sac_sha = subprocess.run(["git", "log", "-n1", "--format=%H", f"{head}~1", "--", "gorl_sac.py"], cwd=ROOT,
+                             capture_output=True, text=True).stdout.strip()
+    assert sac_sha, "needs the repository's history (a full clone, as .ci/run gets)"
+    (out / "code" / "COMMIT").write_text(f"{head}\n{sac_sha} (gorl_sac.py)\n")
+    assert subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True).returncode == 0
+    old = subprocess.run(["git", "show", f"{sac_sha}:gorl_sac.py"], cwd=ROOT, capture_output=True, text=True)
+    assert (out / "code" / "gorl_sac.py").read_text() == old.stdout
+    assert (out / "code" / "gorl_sac.py").read_text() != (out / "code" / "gorl_ppo.py").read_text()
+
+    # a copy made from uncommitted changes cannot be rebuilt: one line, naming the commit
+    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
+        (out / "code" / name).unlink(missing_ok=True)
+    (out / "code" / "COMMIT").write_text(f"{first} (with uncommitted changes)\n")
+    bad = subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "uncommitted changes" in bad.stderr and first in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
 def _write_run(path, final, boundary=None):
     rows = [(s, 0, final * s / 3000, 5.0, s / 100, "periodic") for s in range(0, 3001, 500)]
     if boundary:
