@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
+import glob
 import os
 import shutil
 import subprocess
@@ -91,19 +92,60 @@ def _finished(eval_csv: str) -> bool:
     return bool(rows) and rows[-1]["tag"] == "final"
 
 
+def sibling(job: dict) -> str:
+    """The GoRL run whose stage 0 a twin shares: same script, env and seed."""
+    return f"{job['script']}__{job['env_id']}__gorl__s{job['seed']}"
+
+
+def stage0_checkpoint(job: dict) -> Optional[str]:
+    """A twin's branch point: its GoRL sibling's stage-0-end checkpoint, where it exists (gorl_sac.py
+    keeps one). With the same seed and flags, the twin's first T_0 env steps compute exactly what
+    GoRL's stage 0 computed (tests/test_benchmarks.py checks this), so the twin continues from there
+    with --num-stages 1 instead of recomputing them: a third of a SAC twin's 500k steps."""
+    if job["variant"] != "twin":
+        return None
+    path = os.path.join(job["out"], "runs", sibling(job), "stage0_end.pt")
+    return path if os.path.exists(path) else None
+
+
 def state(job: dict) -> str:
-    """'done', 'resume' (has a checkpoint) or 'start'. The committed OUT/csv/<name>.csv counts as done
-    too: run directories are not committed, so a fresh clone has only the CSVs of finished runs."""
+    """'done', 'resume' (has a checkpoint), 'branch' (a twin that continues from its GoRL sibling's
+    stage 0) or 'start'. The committed OUT/csv/<name>.csv counts as done too: run directories are not
+    committed, so a fresh clone has only the CSVs of finished runs."""
     run_dir = os.path.join(job["out"], "runs", job["name"])
     if _finished(os.path.join(run_dir, "eval.csv")) or _finished(os.path.join(job["out"], "csv", f"{job['name']}.csv")):
         return "done"
-    return "resume" if os.path.exists(os.path.join(run_dir, "checkpoint.pt")) else "start"
+    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        return "resume"
+    return "branch" if stage0_checkpoint(job) else "start"
+
+
+def branch(job: dict) -> str:
+    """Make the twin's run directory from its GoRL sibling's stage-0-end checkpoint: the arguments
+    change only where the twin's own command differs (one stage, its name and directory); eval.csv
+    and the tensorboard events are the sibling's up to that step. Then --resume continues it."""
+    import torch  # only here: the rest of the runner does not need it
+
+    source = stage0_checkpoint(job)
+    ckpt = torch.load(source, map_location="cpu", weights_only=False)
+    run_dir = os.path.join(job["out"], "runs", job["name"])
+    ckpt["args"].update(num_stages=1, stage_fractions=None, exp_name=job["variant"], run_dir=run_dir)
+    os.makedirs(run_dir)
+    gorl_dir = os.path.dirname(source)
+    with open(os.path.join(gorl_dir, "eval.csv")) as f:
+        rows = f.readlines()[: 1 + ckpt["logger"]["eval_rows"]]
+    with open(os.path.join(run_dir, "eval.csv"), "w") as f:
+        f.writelines(rows)
+    for events in glob.glob(os.path.join(gorl_dir, "events.out.tfevents.*")):
+        shutil.copy(events, run_dir)  # the resumed writer drops what comes after the checkpoint's step
+    torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))  # last: until here the twin is still 'branch'
+    return f"# branched from {source} at env step {ckpt['global_step']}\n"
 
 
 def command(job: dict) -> list[str]:
     script = os.path.join(job["out"], "code", f"gorl_{job['script']}.py")
     run_dir = os.path.join(job["out"], "runs", job["name"])
-    if state(job) == "resume":
+    if state(job) in ("resume", "branch"):
         return [job["python"], script, "--resume", run_dir]
     stages = ["--num-stages", "1"] if job["variant"] == "twin" else []
     return [job["python"], script, "--env-id", job["env_id"], "--seed", str(job["seed"]), "--total-timesteps",
@@ -115,13 +157,14 @@ def run_job(job: dict) -> dict:
     status = state(job)
     if status != "done":
         run_dir = os.path.join(job["out"], "runs", job["name"])
-        if status == "start" and os.path.exists(run_dir):
+        if status in ("start", "branch") and os.path.exists(run_dir):
             shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to keep
+        note = branch(job) if status == "branch" else ""
         os.makedirs(os.path.join(job["out"], "logs"), exist_ok=True)
         cmd = command(job)
         env = dict(os.environ, GORL_NO_PROGRESS="1")
         with open(os.path.join(job["out"], "logs", f"{job['name']}.log"), "a") as log:
-            log.write(f"$ {' '.join(cmd)}\n")
+            log.write(f"{note}$ {' '.join(cmd)}\n")
             log.flush()
             code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=job["out"])
         if code != 0:
@@ -191,18 +234,34 @@ def main(args: Args) -> None:
     if args.dry_run:
         for job in jobs:
             print(f"{state(job):6s} {job['name']}: {' '.join(command(job))}")
-        counts = {s: sum(state(j) == s for j in jobs) for s in ("done", "resume", "start")}
-        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['start']} to start")
+        counts = {s: sum(state(j) == s for j in jobs) for s in ("done", "resume", "branch", "start")}
+        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['branch']} to branch, "
+              f"{counts['start']} to start")
         return
     os.makedirs(args.out, exist_ok=True)
     freeze_code(os.path.abspath(args.out))
     start = time.time()
     if args.executor == "local":
+        # A twin waits until its GoRL sibling in this grid has a stage-0 checkpoint to branch from or
+        # has ended; meanwhile the workers take other runs.
+        names = {job["name"] for job in jobs}
+        waiting, running = list(jobs), {}
+
+        def ready(job: dict) -> bool:
+            return (job["variant"] != "twin" or sibling(job) not in names or state(job) != "start"
+                    or not any(j["name"] == sibling(job) for j in waiting + list(running.values())))
+
         with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers) as pool:
-            futures = [pool.submit(run_job, job) for job in jobs]
-            for future in concurrent.futures.as_completed(futures):
-                result = future.result()
-                print(f"[{time.time() - start:7.0f}s] {result['name']}: {result['status']}", flush=True)
+            while waiting or running:
+                for job in [j for j in waiting if ready(j)][: args.workers - len(running)]:
+                    waiting.remove(job)
+                    running[pool.submit(run_job, job)] = job
+                finished, _ = concurrent.futures.wait(running, timeout=10,
+                                                      return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in finished:
+                    del running[future]
+                    result = future.result()
+                    print(f"[{time.time() - start:7.0f}s] {result['name']}: {result['status']}", flush=True)
         return
     import submitit
 

@@ -22,7 +22,7 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     lines = result.stdout.splitlines()
     runs = [l for l in lines if l.startswith("start ")]
     # 2 scripts x 2 variants x (5 tasks x 3 seeds + hopper-stand x 5 seeds)
-    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 80 to start"
+    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 0 to branch, 80 to start"
     for task in ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-stand", "walker-walk"):
         assert sum(f"__{task}__" in l for l in runs) == (20 if task == "hopper-stand" else 12)
     twins = [l for l in runs if "__twin__" in l]
@@ -52,7 +52,7 @@ def test_grid_runs_through_submitit_skips_finished_runs_and_resumes_interrupted_
         time.sleep(0.05)
     assert proc.wait(timeout=120) == 130
     dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 0 done, 1 to resume, 3 to start"
+    assert dry.stdout.splitlines()[-1] == "4 runs: 0 done, 1 to resume, 0 to branch, 3 to start"
 
     result = subprocess.run(RUNNER + TINY + ["--out", str(out), "--executor", "submitit-local"], env=ENV,
                             capture_output=True, text=True, timeout=600)
@@ -84,7 +84,7 @@ def test_fresh_clone_counts_committed_csvs_as_done_and_rebuilds_the_frozen_code_
     # the first commit for every script, then HEAD for gorl_sac.py only: later lines win, per script
     (out / "code" / "COMMIT").write_text(f"{head}\n{head} (gorl_sac.py, a note)\nnot a commit line\n")
     dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to start", dry.stdout + dry.stderr
+    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
     result = subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.count(": done") == 4, result.stdout + result.stderr
     assert not (out / "runs").exists() or not any((out / "runs").iterdir())
@@ -111,6 +111,36 @@ def test_fresh_clone_counts_committed_csvs_as_done_and_rebuilds_the_frozen_code_
     bad = subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "uncommitted changes" in bad.stderr and first in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_twin_continues_from_gorl_stage0_and_computes_what_a_twin_from_scratch_computes(tmp_path):
+    one_seed = TINY[:6] + TINY[7:]  # seed 1 only
+    assert one_seed[4:7] == ["--seeds", "1", "--sac-steps"]
+    out, scratch = tmp_path / "grid", tmp_path / "scratch"
+    # Two workers: the twin must wait for GoRL's stage 0 rather than start at once.
+    result = subprocess.run(RUNNER + one_seed + ["--out", str(out), "--workers", "2"], env=ENV, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.count(": finished") == 2, result.stdout + result.stderr
+    log = (out / "logs" / "sac__tests.toy_envs:Toy-v0__twin__s1.log").read_text()
+    assert log.startswith("# branched from ") and "stage0_end.pt at env step 533" in log and "resuming" in log, log
+
+    # The same twin from its first step, in a grid of its own (no GoRL sibling to branch from).
+    dry = subprocess.run(RUNNER + one_seed + ["--out", str(scratch), "--variants", "twin", "--dry-run"], env=ENV,
+                         capture_output=True, text=True)
+    cmd = dry.stdout.splitlines()[0].split(": ", 1)[1].split()
+    assert dry.stdout.startswith("start ") and "--num-stages 1" in " ".join(cmd)
+    cmd[1] = str(out / "code" / "gorl_sac.py")
+    assert subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
+
+    def rows(path):
+        with open(path) as f:
+            return [(r["global_step"], r["stage"], r["return_mean"], r["return_std"], r["tag"]) for r in csv.DictReader(f)]
+
+    branched, fresh = rows(out / "csv" / "sac__tests.toy_envs:Toy-v0__twin__s1.csv"), rows(
+        scratch / "runs" / "sac__tests.toy_envs:Toy-v0__twin__s1" / "eval.csv")
+    assert branched == fresh and fresh[-1][0] == "800" and {r[1] for r in fresh} == {"0"}
+    gorl = rows(out / "csv" / "sac__tests.toy_envs:Toy-v0__gorl__s1.csv")
+    assert any(r[4] == "boundary_after" for r in gorl) and gorl[-1] != fresh[-1]  # GoRL did go on differently
 
 
 def _write_run(path, final, boundary=None):
