@@ -242,13 +242,14 @@ def main(args: Args) -> None:
     freeze_code(os.path.abspath(args.out))
     start = time.time()
     if args.executor == "local":
-        # A twin waits until its GoRL sibling in this grid has a stage-0 checkpoint to branch from or
-        # has ended; meanwhile the workers take other runs.
+        # A SAC twin waits until its GoRL sibling in this grid has a stage-0 checkpoint to branch from
+        # or has ended; meanwhile the workers take other runs. (gorl_ppo.py keeps no such checkpoint.)
         names = {job["name"] for job in jobs}
         waiting, running = list(jobs), {}
 
         def ready(job: dict) -> bool:
-            return (job["variant"] != "twin" or sibling(job) not in names or state(job) != "start"
+            return (job["variant"] != "twin" or job["script"] != "sac" or sibling(job) not in names
+                    or state(job) != "start"
                     or not any(j["name"] == sibling(job) for j in waiting + list(running.values())))
 
         with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers) as pool:
