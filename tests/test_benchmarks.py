@@ -29,6 +29,8 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     assert len(twins) == 40 and all("--num-stages 1" in l for l in twins)
     assert not any("--num-stages" in l for l in runs if "__gorl__" in l)
     assert all("--total-timesteps 500000" in l for l in runs if l.split()[1].startswith("sac__"))
+    # envpool's finger tasks differ from dm_control's (README, Benchmarks): those run on the Python suite
+    assert all(("--env-backend dm_control" in l) == ("__finger-" in l) for l in runs)
     assert not (tmp_path / "grid").exists()
 
 
