@@ -83,7 +83,7 @@ def test_fresh_clone_counts_committed_csvs_as_done_and_rebuilds_the_frozen_code_
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=ROOT, capture_output=True,
                            text=True).stdout.split()[0]
-    # the first commit for every script, then HEAD for gorl_sac.py only: later lines win, per script
+    # HEAD for every script, then HEAD again for gorl_sac.py with a note; a line that is no commit is ignored
     (out / "code" / "COMMIT").write_text(f"{head}\n{head} (gorl_sac.py, a note)\nnot a commit line\n")
     dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
     assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
@@ -97,14 +97,19 @@ def test_fresh_clone_counts_committed_csvs_as_done_and_rebuilds_the_frozen_code_
     # the per-script override: gorl_sac.py from an older commit than the rest
     for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
         (out / "code" / name).unlink()
-    sac_sha = subprocess.run(["git", "log", "-n1", "--format=%H", f"{head}~1", "--", "gorl_sac.py"], cwd=ROOT,
-                             capture_output=True, text=True).stdout.strip()
+    def show(rev, name):
+        return subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, capture_output=True, text=True).stdout
+
+    # an older commit whose gorl_sac.py differs from HEAD's, so that ignoring the override would show
+    touching = subprocess.run(["git", "log", "--format=%H", head, "--", "gorl_sac.py"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.split()
+    sac_sha = next((sha for sha in touching if show(sha, "gorl_sac.py") not in ("", show(head, "gorl_sac.py"))), None)
     assert sac_sha, "needs the repository's history (a full clone, as .ci/run gets)"
     (out / "code" / "COMMIT").write_text(f"{head}\n{sac_sha} (gorl_sac.py)\n")
     assert subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True).returncode == 0
-    old = subprocess.run(["git", "show", f"{sac_sha}:gorl_sac.py"], cwd=ROOT, capture_output=True, text=True)
-    assert (out / "code" / "gorl_sac.py").read_text() == old.stdout
-    assert (out / "code" / "gorl_sac.py").read_text() != (out / "code" / "gorl_ppo.py").read_text()
+    assert (out / "code" / "gorl_sac.py").read_text() == show(sac_sha, "gorl_sac.py")
+    assert (out / "code" / "gorl_sac.py").read_text() != show(head, "gorl_sac.py")
+    assert (out / "code" / "gorl_ppo.py").read_text() == show(head, "gorl_ppo.py")  # other scripts keep HEAD
 
     # a copy made from uncommitted changes cannot be rebuilt: one line, naming the commit
     for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
