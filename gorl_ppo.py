@@ -70,7 +70,7 @@ class Args:
     env_id: str = "hopper-stand"
     """dm_control 'domain-task', 'dm_control/domain-task-v0', or a gymnasium id with a Box action space"""
     env_backend: str = "auto"
-    """auto (envpool where it has the dm_control task, else dm_control), envpool, or dm_control"""
+    """auto (envpool where it has the dm_control task and matches it, i.e. not finger-*; else dm_control), envpool, or dm_control"""
     env_threads: int = 2
     """envpool simulator threads; 2 uses the second core while the envs step (same results; a 600k hopper-stand run: 2,865 env steps/s with 2, 1,862 with 1 in an earlier session, README)"""
     total_timesteps: int = 2_000_000

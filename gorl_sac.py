@@ -72,7 +72,7 @@ class Args:
     env_id: str = "walker-walk"
     """dm_control 'domain-task', 'dm_control/domain-task-v0', or a gymnasium id with a Box action space"""
     env_backend: str = "auto"
-    """auto (envpool where it has the dm_control task, else dm_control), envpool, or dm_control"""
+    """auto (envpool where it has the dm_control task and matches it, i.e. not finger-*; else dm_control), envpool, or dm_control"""
     env_threads: int = 1
     """simulator threads of the envpool backend"""
     total_timesteps: int = 500_000

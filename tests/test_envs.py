@@ -100,3 +100,12 @@ def test_envpool_threads_do_not_change_results():
         runs.append(np.stack(obs))
         envs.close()
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_auto_backend_avoids_envpool_where_its_port_differs():
+    # envpool's finger tasks differ from the Python suite (benchmarks/backend_parity.py, README)
+    assert common.resolve_backend("finger-spin", "auto") == "dm_control"
+    assert common.resolve_backend("dm_control/finger-turn_hard-v0", "auto") == "dm_control"
+    assert common.resolve_backend("finger-spin", "envpool") == "envpool"  # still reachable on request
+    assert common.resolve_backend("cheetah-run", "auto") == "envpool"
+    assert common.resolve_backend("Pendulum-v1", "auto") == "dm_control"
