@@ -141,10 +141,32 @@ def branch(job: dict) -> str:
         rows = f.readlines()[: 1 + ckpt["logger"]["eval_rows"]]
     with open(os.path.join(run_dir, "eval.csv"), "w") as f:
         f.writelines(rows)
-    for events in glob.glob(os.path.join(gorl_dir, "events.out.tfevents.*")):
-        shutil.copy(events, run_dir)  # the resumed writer drops what comes after the checkpoint's step
+    copy_shared_events(gorl_dir, run_dir, ckpt["global_step"], os.path.getmtime(source))
     torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))  # last: until here the twin is still 'branch'
     return f"# branched from {source} at env step {ckpt['global_step']}\n"
+
+
+def copy_shared_events(gorl_dir: str, run_dir: str, step: int, written: float) -> None:
+    """Copy the GoRL sibling's tensorboard events that the twin shares: every step before `step`, and
+    those at `step` logged before the stage-0 checkpoint was `written` (wall time). The sibling's
+    boundary scalars (eval/boundary_*, decoder losses), logged at `step` after the checkpoint, stay out."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    for path in sorted(glob.glob(os.path.join(gorl_dir, "events.out.tfevents.*"))):
+        staging = os.path.join(run_dir, ".events")
+        writer = EventFileWriter(staging)
+        for event in LegacyEventFileLoader(path).Load():  # as written: no conversion of scalars to tensors
+            if event.HasField("file_version"):
+                continue  # the writer wrote its own
+            if event.step < step or (event.step == step and event.wall_time <= written):
+                writer.add_event(event)
+        writer.close()
+        # Keep the sibling's file name: tensorboard reads files in name (= creation time) order, and
+        # the resumed twin's own file must come after this one.
+        (copied,) = glob.glob(os.path.join(staging, "events.out.tfevents.*"))
+        os.replace(copied, os.path.join(run_dir, os.path.basename(path)))
+        os.rmdir(staging)
 
 
 def command(job: dict) -> list[str]:

@@ -149,6 +149,21 @@ def test_twin_continues_from_gorl_stage0_and_computes_what_a_twin_from_scratch_c
     gorl = rows(out / "csv" / "sac__tests.toy_envs:Toy-v0__gorl__s1.csv")
     assert any(r[4] == "boundary_after" for r in gorl) and gorl[-1] != fresh[-1]  # GoRL did go on differently
 
+    # tensorboard: the twin holds the shared history but none of GoRL's boundary scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run):
+        acc = EventAccumulator(str(out / "runs" / f"sac__tests.toy_envs:Toy-v0__{run}__s1"), size_guidance={"scalars": 0})
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+    twin_tb, gorl_tb = scalars("twin"), scalars("gorl")
+    assert "eval/boundary_after" in gorl_tb and not any(tag.startswith("eval/boundary") for tag in twin_tb)
+    assert "losses/decoder_train" in gorl_tb and "losses/decoder_train" not in twin_tb
+    shared = [point for point in gorl_tb["eval/return_mean"] if point[0] <= 533]
+    assert shared and twin_tb["eval/return_mean"][: len(shared)] == shared
+    assert twin_tb["eval/return_mean"][-1][0] == 800
+
 
 def _write_run(path, final, boundary=None):
     rows = [(s, 0, final * s / 3000, 5.0, s / 100, "periodic") for s in range(0, 3001, 500)]
