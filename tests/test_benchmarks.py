@@ -196,12 +196,33 @@ def test_report_rebuilds_figures_and_the_readme_table_from_csvs_in_under_a_minut
     assert text.startswith("intro\n") and text.endswith("outro\n") and "old" not in text
     assert "| PPO | cheetah-run | GoRL | 3 | 520.0 ± 8.2 | 510.0, 520.0, 530.0 | 400→391; 400→392; 400→393 | 3000 |" in text
     assert "| PPO | walker-walk | Gaussian twin (K=1) | 3 | 470.0 ± 8.2 |" in text
-    assert "PPO GoRL: 2 tasks x 3 seeds" in text
+    assert "PPO GoRL: 0.520 [" in text and "over 2 tasks, 6 runs" in text
     # 2 tasks x 2 variants x 3 seeds of PPO finished; the status names what the protocol still lacks.
     status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
     assert status.startswith("Protocol: 4 of 24 cells have a finished run; 12 of 80 runs finished.")
     assert "PPO finger-spin GoRL" in status and "SAC walker-walk Gaussian twin (K=1)" in status
     assert "PPO cheetah-run GoRL" not in status
+
+
+def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_different_seed_counts(tmp_path):
+    os.makedirs(tmp_path / "csv")
+    finals = {("cheetah-run", "gorl"): {1: 500, 2: 600, 3: 700}, ("cheetah-run", "twin"): {1: 100, 2: 200, 3: 300},
+              ("walker-walk", "gorl"): {1: 900, 2: 950}, ("walker-walk", "twin"): {1: 400}}
+    for (env, variant), per_seed in finals.items():
+        for seed, final in per_seed.items():
+            _write_run(tmp_path / "csv" / f"ppo__{env}__{variant}__s{seed}.csv", final)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), "--out", str(tmp_path),
+                             "--readme", ""], env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "results.md").read_text()
+    # walker-walk gorl seed 2 has no twin partner and is left out: 3 + 1 runs per variant. IQM of
+    # [0.5, 0.6, 0.7, 0.9] is the mean of the middle two (0.65); of [0.1, 0.2, 0.3, 0.4], 0.25.
+    gorl = text.split("PPO GoRL: ")[1].split(" over ")[0]
+    twin = text.split("PPO Gaussian twin (K=1): ")[1].split(" over ")[0]
+    assert gorl.startswith("0.650 [") and twin.startswith("0.250 [")
+    lo, hi = (float(x) for x in gorl.split("[")[1].rstrip("]").split(", "))
+    assert 0.5 <= lo < 0.65 < hi <= 0.9
+    assert text.count("over 2 tasks, 4 runs") == 2
 
 
 def test_two_peaks_reward_and_multimodality_sample_and_plot(tmp_path):
