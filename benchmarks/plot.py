@@ -202,7 +202,9 @@ def main() -> None:
     for script in ("ppo", "sac"):
         plot_curves(runs, script, os.path.join(cli.out, f"curves_{script}.png"))
     notes = plot_aggregate(runs, os.path.join(cli.out, "aggregate.png"))
-    text = table(runs) + ("\n\nAggregate, IQM of final return / 1000 [95% CI]: " + "; ".join(notes) + "." if notes else "")
+    text = table(runs)
+    if notes:
+        text += "\n\nAggregate, IQM of final return / 1000 [95% CI]: " + "; ".join(notes) + "."
     text += "\n\n" + protocol_status(runs)
     with open(os.path.join(cli.out, "results.md"), "w") as f:
         f.write(text + "\n")
