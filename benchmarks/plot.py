@@ -8,7 +8,7 @@ benchmarks/run.py) and writes
                             mean over seeds with a 95% t-interval of the mean (a band needs 2+ seeds)
   OUT/aggregate.png         IQM over tasks x seeds of the final return / 1000, with 95% stratified
                             bootstrap intervals, per script and variant (seeds both variants finished)
-  OUT/results.md            the table, also written into the README between
+  OUT/results.md            the table, the IQM and per-seed-pair outcomes, also written into the README between
                             <!-- benchmark-results --> and <!-- /benchmark-results -->.
 A run counts once its last row is 'final'; unfinished runs are drawn but not tabulated.
 """
@@ -170,6 +170,23 @@ def table(runs: dict) -> str:
     return "\n".join(lines)
 
 
+def paired_outcomes(runs: dict) -> str:
+    """GoRL's final return minus its twin's, per (script, task, seed) both variants finished."""
+    diffs = []
+    for (script, env, variant) in sorted(runs):
+        if variant != "gorl":
+            continue
+        twin = runs.get((script, env, "twin"), {})
+        for seed, rows in sorted(runs[(script, env, variant)].items()):
+            if finished(rows) and seed in twin and finished(twin[seed]):
+                diffs.append((f"{script.upper()} {env} s{seed}", rows[-1]["ret"] - twin[seed][-1]["ret"]))
+    if not diffs:
+        return ""
+    ahead = sum(d > 0 for _, d in diffs)
+    return (f"GoRL minus twin, final return per seed pair: GoRL ahead in {ahead} of {len(diffs)} pairs. "
+            + "; ".join(f"{name} {d:+.1f}" for name, d in diffs) + ".")
+
+
 def protocol_status(runs: dict) -> str:
     """How much of the protocol grid (benchmarks/run.py's defaults) has finished runs, and which cells have none."""
     import run  # benchmarks/run.py: the protocol's tasks and seeds are defined there once
@@ -205,7 +222,8 @@ def main() -> None:
     text = table(runs)
     if notes:
         text += "\n\nAggregate, IQM of final return / 1000 [95% CI]: " + "; ".join(notes) + "."
-    text += "\n\n" + protocol_status(runs)
+    pairs = paired_outcomes(runs)
+    text += ("\n\n" + pairs if pairs else "") + "\n\n" + protocol_status(runs)
     with open(os.path.join(cli.out, "results.md"), "w") as f:
         f.write(text + "\n")
     if cli.readme:

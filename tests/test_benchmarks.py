@@ -223,6 +223,8 @@ def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_
     lo, hi = (float(x) for x in gorl.split("[")[1].rstrip("]").split(", "))
     assert 0.5 <= lo < 0.65 < hi <= 0.9
     assert text.count("over 2 tasks, 4 runs") == 2
+    assert ("GoRL ahead in 4 of 4 pairs. PPO cheetah-run s1 +400.0; PPO cheetah-run s2 +400.0; "
+            "PPO cheetah-run s3 +400.0; PPO walker-walk s1 +500.0.") in text
 
 
 def test_two_peaks_reward_and_multimodality_sample_and_plot(tmp_path):
