@@ -111,16 +111,22 @@ def iqm_interval(per_task: list[np.ndarray], reps: int = 2000, seed: int = 0) ->
     return float(stats.trim_mean(np.concatenate(per_task), 0.25)), *np.percentile(boot, [2.5, 97.5])
 
 
+def paired_seeds(runs: dict, script: str) -> dict[str, list[int]]:
+    """{env: seeds that both GoRL and its twin finished}, for the tasks that have any."""
+    paired = {}
+    for env in sorted({env for (s, env, _) in runs if s == script}):
+        done = [{s for s, r in runs.get((script, env, v), {}).items() if finished(r)} for v in ("gorl", "twin")]
+        if done[0] & done[1]:
+            paired[env] = sorted(done[0] & done[1])
+    return paired
+
+
 def plot_aggregate(runs: dict, path: str) -> list[str]:
     """IQM of final return / 1000 over tasks x seeds, per script and variant; per task, only the seeds
     both variants finished, so GoRL and its twin are scored on the same runs."""
     scores, notes = {}, []
     for script in ("ppo", "sac"):
-        paired = {}  # env -> seeds finished by both variants
-        for env in sorted({env for (s, env, _) in runs if s == script}):
-            done = [{s for s, r in runs.get((script, env, v), {}).items() if finished(r)} for v in ("gorl", "twin")]
-            if done[0] & done[1]:
-                paired[env] = sorted(done[0] & done[1])
+        paired = paired_seeds(runs, script)
         if not paired:
             continue
         for variant in ("gorl", "twin"):
@@ -172,14 +178,9 @@ def table(runs: dict) -> str:
 
 def paired_outcomes(runs: dict) -> str:
     """GoRL's final return minus its twin's, per (script, task, seed) both variants finished."""
-    diffs = []
-    for (script, env, variant) in sorted(runs):
-        if variant != "gorl":
-            continue
-        twin = runs.get((script, env, "twin"), {})
-        for seed, rows in sorted(runs[(script, env, variant)].items()):
-            if finished(rows) and seed in twin and finished(twin[seed]):
-                diffs.append((f"{script.upper()} {env} s{seed}", rows[-1]["ret"] - twin[seed][-1]["ret"]))
+    diffs = [(f"{script.upper()} {env} s{seed}",
+              runs[(script, env, "gorl")][seed][-1]["ret"] - runs[(script, env, "twin")][seed][-1]["ret"])
+             for script in ("ppo", "sac") for env, seeds in paired_seeds(runs, script).items() for seed in seeds]
     if not diffs:
         return ""
     ahead = sum(d > 0 for _, d in diffs)
