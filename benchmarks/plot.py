@@ -189,11 +189,12 @@ def paired_outcomes(runs: dict) -> str:
 
 
 def protocol_status(runs: dict) -> str:
-    """How much of the protocol grid (benchmarks/run.py's defaults) has finished runs, and which cells have none."""
+    """How much of the protocol grid (benchmarks/run.py's defaults) has finished runs, which cells have
+    none, and which have fewer than the protocol's minimum seed count (len(seeds), 3)."""
     import run  # benchmarks/run.py: the protocol's tasks and seeds are defined there once
 
     defaults = run.Args()
-    cells, finished_runs, total_runs, missing = 0, 0, 0, []
+    cells, finished_runs, total_runs, missing, short = 0, 0, 0, [], []
     for script in defaults.scripts:
         for env in defaults.envs:
             for variant in defaults.variants:
@@ -204,9 +205,13 @@ def protocol_status(runs: dict) -> str:
                 total_runs += wanted
                 if not done:
                     missing.append(f"{script.upper()} {env} {LABEL[variant]}")
+                elif done < len(defaults.seeds):
+                    short.append(f"{script.upper()} {env} {LABEL[variant]} ({done})")
     n_cells = len(defaults.scripts) * len(defaults.envs) * len(defaults.variants)
     text = f"Protocol: {cells} of {n_cells} cells have a finished run; {finished_runs} of {total_runs} runs finished."
-    return text + (" No finished run yet: " + ", ".join(missing) + "." if missing else "")
+    text += " No finished run yet: " + ", ".join(missing) + "." if missing else ""
+    text += f" Fewer than {len(defaults.seeds)} seeds: " + ", ".join(short) + "." if short else ""
+    return text
 
 
 def main() -> None:

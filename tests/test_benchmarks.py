@@ -225,6 +225,9 @@ def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_
     assert text.count("over 2 tasks, 4 runs") == 2
     assert ("GoRL ahead in 4 of 4 pairs. PPO cheetah-run s1 +400.0; PPO cheetah-run s2 +400.0; "
             "PPO cheetah-run s3 +400.0; PPO walker-walk s1 +500.0.") in text
+    # The status names the cells short of the protocol's 3 seeds, with their counts, and no full cell.
+    status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
+    assert status.endswith(" Fewer than 3 seeds: PPO walker-walk GoRL (2), PPO walker-walk Gaussian twin (K=1) (1).")
 
 
 def test_two_peaks_reward_and_multimodality_sample_and_plot(tmp_path):
