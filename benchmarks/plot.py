@@ -190,7 +190,7 @@ def paired_outcomes(runs: dict) -> str:
 
 def protocol_status(runs: dict) -> str:
     """How much of the protocol grid (benchmarks/run.py's defaults) has finished runs, which cells have
-    none, and which have fewer than the protocol's minimum seed count (len(seeds), 3)."""
+    none, and which have fewer than the protocol's minimum seed count (run.SEEDS, 3)."""
     import run  # benchmarks/run.py: the protocol's tasks and seeds are defined there once
 
     defaults = run.Args()
@@ -198,19 +198,19 @@ def protocol_status(runs: dict) -> str:
     for script in defaults.scripts:
         for env in defaults.envs:
             for variant in defaults.variants:
-                wanted = len(defaults.hopper_seeds if env == "hopper-stand" else defaults.seeds)
+                wanted = len(run.HOPPER_SEEDS if env == "hopper-stand" else run.SEEDS)
                 done = sum(finished(r) for r in runs.get((script, env, variant), {}).values())
                 cells += done > 0
                 finished_runs += min(done, wanted)
                 total_runs += wanted
                 if not done:
                     missing.append(f"{script.upper()} {env} {LABEL[variant]}")
-                elif done < len(defaults.seeds):
+                elif done < len(run.SEEDS):
                     short.append(f"{script.upper()} {env} {LABEL[variant]} ({done})")
     n_cells = len(defaults.scripts) * len(defaults.envs) * len(defaults.variants)
     text = f"Protocol: {cells} of {n_cells} cells have a finished run; {finished_runs} of {total_runs} runs finished."
     text += " No finished run yet: " + ", ".join(missing) + "." if missing else ""
-    text += f" Fewer than {len(defaults.seeds)} seeds: " + ", ".join(short) + "." if short else ""
+    text += f" Fewer than {len(run.SEEDS)} seeds: " + ", ".join(short) + "." if short else ""
     return text
 
 

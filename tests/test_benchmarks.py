@@ -32,6 +32,14 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     # envpool's finger tasks differ from dm_control's (README, Benchmarks): those run on the Python suite
     assert all(("--env-backend dm_control" in l) == ("__finger-" in l) for l in runs)
     assert not (tmp_path / "grid").exists()
+    # A chosen --seeds applies to hopper-stand too (it once ran seeds 1-5 whatever --seeds said).
+    for flags, expected in ((["--seeds", "3"], ["s3"]), (["--seeds", "3", "--hopper-seeds", "4", "5"], ["s4", "s5"])):
+        result = subprocess.run(RUNNER + ["--dry-run", "--out", str(tmp_path / "grid"), "--scripts", "ppo", "--envs",
+                                          "hopper-stand", "--variants", "twin"] + flags,
+                                env=ENV, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert [l.split()[1].split("__")[-1].rstrip(":") for l in result.stdout.splitlines() if l.startswith("start ")] \
+            == expected
 
 
 TINY = ["--scripts", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "2", "--sac-steps", "800",
