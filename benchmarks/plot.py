@@ -209,8 +209,10 @@ def protocol_status(runs: dict) -> str:
                     short.append(f"{script.upper()} {env} {LABEL[variant]} ({done})")
     n_cells = len(defaults.scripts) * len(defaults.envs) * len(defaults.variants)
     text = f"Protocol: {cells} of {n_cells} cells have a finished run; {finished_runs} of {total_runs} runs finished."
-    text += " No finished run yet: " + ", ".join(missing) + "." if missing else ""
-    text += f" Fewer than {len(run.SEEDS)} seeds: " + ", ".join(short) + "." if short else ""
+    if missing:
+        text += " No finished run yet: " + ", ".join(missing) + "."
+    if short:
+        text += f" Fewer than {len(run.SEEDS)} seeds: " + ", ".join(short) + "."
     return text
 
 
