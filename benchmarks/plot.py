@@ -5,7 +5,8 @@
 Reads OUT/csv/<script>__<env>__<variant>__s<seed>.csv (eval.csv of each run, copied by
 benchmarks/run.py) and writes
   OUT/curves_<script>.png   per task: deterministic eval return vs env steps and vs wall time,
-                            mean over seeds with a 95% t-interval of the mean (a band needs 2+ seeds)
+                            mean over seeds with a 95% t-interval of the mean (a band needs 2+ seeds);
+                            y-axis 0-1000, the dm_control range, widened if a mean leaves it
   OUT/aggregate.png         IQM over tasks x seeds of the final return / 1000, with 95% stratified
                             bootstrap intervals, per script and variant (seeds both variants finished)
   OUT/results.md            the table, the IQM and per-seed-pair outcomes, also written into the README between
@@ -75,6 +76,9 @@ def plot_curves(runs: dict, script: str, path: str) -> None:
         return
     fig, axes = plt.subplots(len(envs), 2, figsize=(10, 2.6 * len(envs)), squeeze=False)
     for row, env in enumerate(envs):
+        # dm_control returns lie in [0, 1000]; the y-axis shows that range (widened if a mean curve
+        # leaves it), so 2-seed t-bands (t = 12.7) may run off the axes instead of flattening the means.
+        low, high = 0.0, 1000.0
         for variant in ("gorl", "twin"):
             seeds = runs.get((script, env, variant), {})
             if not seeds:
@@ -84,6 +88,7 @@ def plot_curves(runs: dict, script: str, path: str) -> None:
             returns = np.array([[dict(zip(c[0], c[1]))[s] for s in common] for c in curves])
             walls = np.array([[dict(zip(c[0], c[2]))[s] for s in common] for c in curves])
             mean, half = mean_ci(returns)
+            low, high = min(low, mean.min()), max(high, mean.max())
             label = f"{LABEL[variant]} ({len(curves)} seed{'s' if len(curves) > 1 else ''})"
             for col, x in enumerate((np.array(common), walls.mean(0) / 60)):
                 ax = axes[row, col]
@@ -94,6 +99,7 @@ def plot_curves(runs: dict, script: str, path: str) -> None:
         axes[row, 0].set_xlabel("env steps")
         axes[row, 1].set_xlabel("wall time (min, mean over seeds)")
         for ax in axes[row]:
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
             ax.set_ylabel("eval return")
             ax.grid(alpha=0.3)
         axes[row, 0].legend(fontsize=7)
