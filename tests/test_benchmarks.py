@@ -289,3 +289,26 @@ def test_two_peaks_repeat_pays_for_covering_both_peaks():
     assert abs(env.step(toy.PEAKS[1])[1] - 1.0) < 1e-4  # the other peak is still fresh
     one_peak, both = toy.expected_return(1.0, episodes=50), toy.expected_return(0.5, episodes=2000)
     assert abs(one_peak - 2 * (1 - 0.5**toy.HORIZON)) < 1e-3 and 3.4 < both < 3.8
+
+
+def test_curve_panels_keep_the_dm_control_range_unless_a_mean_leaves_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grid_plot", os.path.join(ROOT, "benchmarks", "plot.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    os.makedirs(tmp_path / "csv")
+    # cheetah-run: two seeds far apart, so the 2-seed t-band (t = 12.7) reaches far past 0..1000;
+    # walker-walk: a mean curve ends at 1200, so its row must widen to show it.
+    for seed, final in ((1, 100), (2, 900)):
+        _write_run(tmp_path / "csv" / f"ppo__cheetah-run__gorl__s{seed}.csv", final)
+    _write_run(tmp_path / "csv" / "ppo__walker-walk__gorl__s1.csv", 1200)
+    figures = []
+    monkeypatch.setattr(plot.plt, "close", figures.append)
+    plot.plot_curves(plot.load(str(tmp_path)), "ppo", str(tmp_path / "curves_ppo.png"))
+    (fig,) = figures
+    cheetah, walker = fig.axes[0:2], fig.axes[2:4]
+    for ax in cheetah:
+        assert ax.get_ylim() == (-50.0, 1050.0)
+    for ax in walker:
+        assert ax.get_ylim() == (-60.0, 1260.0)
