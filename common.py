@@ -493,7 +493,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag"]
+# episode_returns: every eval episode's return, space-separated in eval-env order (env i seeded
+# seed + i), so per-episode analyses (success counts, rliable over episodes) need no rerun.
+EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag", "episode_returns"]
 
 
 class RunLogger:
@@ -549,7 +551,7 @@ class RunLogger:
     def eval_row(self, global_step: int, stage: int, returns: np.ndarray, tag: str = "periodic") -> None:
         """tag: 'periodic', 'boundary_before', 'boundary_after' or 'final'."""
         self._csv.writerow([global_step, stage, f"{returns.mean():.4f}", f"{returns.std():.4f}",
-                            f"{self.wall_time():.1f}", tag])
+                            f"{self.wall_time():.1f}", tag, " ".join(f"{r:.4f}" for r in returns)])
         self._csv_file.flush()
         self.eval_rows += 1
 

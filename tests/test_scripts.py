@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +38,11 @@ def test_smoke_three_stages_writes_logs_and_a_checkpoint_that_reproduces_the_ret
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     rows = read_eval_csv(run_dir)
     assert set(rows[0]) >= {"global_step", "stage", "return_mean", "return_std", "wall_time_s"}
+    for row in rows:  # --eval-episodes 2: both episodes' returns, which the mean and std summarize
+        episodes = np.array([float(r) for r in row["episode_returns"].split()])
+        assert len(episodes) == 2
+        assert abs(episodes.mean() - float(row["return_mean"])) < 1e-3
+        assert abs(episodes.std() - float(row["return_std"])) < 1e-3
     tags = [r["tag"] for r in rows]
     assert tags.count("boundary_before") == 2 and tags.count("boundary_after") == 2 and tags[-1] == "final"
     assert {r["stage"] for r in rows} == {"0", "1", "2"}
