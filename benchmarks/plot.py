@@ -196,11 +196,12 @@ def paired_outcomes(runs: dict) -> str:
 
 def protocol_status(runs: dict) -> str:
     """How much of the protocol grid (benchmarks/run.py's defaults) has finished runs, which cells have
-    none, and which have fewer than the protocol's minimum seed count (run.SEEDS, 3)."""
+    none, which have fewer than the protocol's minimum seed count (run.SEEDS, 3), and which
+    hopper-stand cells have not yet reached its extra seeds (run.HOPPER_SEEDS, 5, "where time allows")."""
     import run  # benchmarks/run.py: the protocol's tasks and seeds are defined there once
 
     defaults = run.Args()
-    cells, finished_runs, total_runs, missing, short = 0, 0, 0, [], []
+    cells, finished_runs, total_runs, missing, short, below_wanted = 0, 0, 0, [], [], []
     for script in defaults.scripts:
         for env in defaults.envs:
             for variant in defaults.variants:
@@ -213,12 +214,16 @@ def protocol_status(runs: dict) -> str:
                     missing.append(f"{script.upper()} {env} {LABEL[variant]}")
                 elif done < len(run.SEEDS):
                     short.append(f"{script.upper()} {env} {LABEL[variant]} ({done})")
+                elif done < wanted:
+                    below_wanted.append(f"{script.upper()} {env} {LABEL[variant]} ({done})")
     n_cells = len(defaults.scripts) * len(defaults.envs) * len(defaults.variants)
     text = f"Protocol: {cells} of {n_cells} cells have a finished run; {finished_runs} of {total_runs} runs finished."
     if missing:
         text += " No finished run yet: " + ", ".join(missing) + "."
     if short:
         text += f" Fewer than {len(run.SEEDS)} seeds: " + ", ".join(short) + "."
+    if below_wanted:
+        text += f" hopper-stand short of its {len(run.HOPPER_SEEDS)} seeds: " + ", ".join(below_wanted) + "."
     return text
 
 

@@ -312,3 +312,24 @@ def test_curve_panels_keep_the_dm_control_range_unless_a_mean_leaves_it(tmp_path
         assert ax.get_ylim() == (-50.0, 1050.0)
     for ax in walker:
         assert ax.get_ylim() == (-60.0, 1260.0)
+
+
+def test_status_names_hopper_cells_short_of_their_five_seeds(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # plot.protocol_status imports run.py
+    spec = importlib.util.spec_from_file_location("grid_plot", os.path.join(ROOT, "benchmarks", "plot.py"))
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    os.makedirs(tmp_path / "csv")
+    # hopper-stand wants 5 seeds: SAC GoRL has 4 (short), SAC twin 5 (complete), PPO GoRL 2 (below 3).
+    for seed in range(1, 6):
+        _write_run(tmp_path / "csv" / f"sac__hopper-stand__twin__s{seed}.csv", 2)
+        if seed < 5:
+            _write_run(tmp_path / "csv" / f"sac__hopper-stand__gorl__s{seed}.csv", 2)
+        if seed < 3:
+            _write_run(tmp_path / "csv" / f"ppo__hopper-stand__gorl__s{seed}.csv", 2)
+    status = plot.protocol_status(plot.load(str(tmp_path)))
+    assert status.startswith("Protocol: 3 of 24 cells have a finished run; 11 of 80 runs finished.")
+    assert status.endswith(" Fewer than 3 seeds: PPO hopper-stand GoRL (2)."
+                           " hopper-stand short of its 5 seeds: SAC hopper-stand GoRL (4).")
