@@ -291,12 +291,19 @@ def test_two_peaks_repeat_pays_for_covering_both_peaks():
     assert abs(one_peak - 2 * (1 - 0.5**toy.HORIZON)) < 1e-3 and 3.4 < both < 3.8
 
 
-def test_curve_panels_keep_the_dm_control_range_unless_a_mean_leaves_it(tmp_path, monkeypatch):
+def _plot_module(monkeypatch):
+    """benchmarks/plot.py imported in-process (it imports run.py from its own folder)."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     spec = importlib.util.spec_from_file_location("grid_plot", os.path.join(ROOT, "benchmarks", "plot.py"))
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
+    return plot
+
+
+def test_curve_panels_keep_the_dm_control_range_unless_a_mean_leaves_it(tmp_path, monkeypatch):
+    plot = _plot_module(monkeypatch)
     os.makedirs(tmp_path / "csv")
     # cheetah-run: two seeds far apart, so the 2-seed t-band (t = 12.7) reaches far past 0..1000;
     # walker-walk: a mean curve ends at 1200, so its row must widen to show it.
@@ -315,12 +322,7 @@ def test_curve_panels_keep_the_dm_control_range_unless_a_mean_leaves_it(tmp_path
 
 
 def test_status_names_hopper_cells_short_of_their_five_seeds(tmp_path, monkeypatch):
-    import importlib.util
-
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))  # plot.protocol_status imports run.py
-    spec = importlib.util.spec_from_file_location("grid_plot", os.path.join(ROOT, "benchmarks", "plot.py"))
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = _plot_module(monkeypatch)
     os.makedirs(tmp_path / "csv")
     # hopper-stand wants 5 seeds: SAC GoRL has 4 (short), SAC twin 5 (complete), PPO GoRL 2 (below 3).
     for seed in range(1, 6):
