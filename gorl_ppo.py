@@ -370,14 +370,14 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
 
 
 @torch.no_grad()
-def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, samples: int = 32) -> dict:
+def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generator, samples: int = 32) -> dict:
     """Action-space checks of a refit (spec §7), on states of the refit data. Old composite policy:
     tanh(g_old(s, mu + sigma * xi)); new one after the reset: tanh(g_new(s, xi))."""
     s_norm = torch.as_tensor(obs_rms.normalize(obs.cpu().numpy()), device=obs.device)
     mu, sigma = policy(s_norm)
     a_old_det = torch.tanh(old_decoder(obs, mu))
     a_new_det = torch.tanh(new_decoder(obs, torch.zeros_like(mu)))
-    xi = torch.randn((samples, *mu.shape), device=obs.device)  # (S, B, d)
+    xi = torch.randn((samples, *mu.shape), generator=generator, device=obs.device)  # (S, B, d)
     obs_rep = obs.expand(samples, *obs.shape).reshape(-1, obs.shape[-1])
     a_old = torch.tanh(old_decoder(obs_rep, (mu + sigma * xi).reshape(-1, mu.shape[-1]))).reshape(xi.shape)
     a_new = torch.tanh(new_decoder(obs_rep, xi.reshape(-1, mu.shape[-1]))).reshape(xi.shape)
@@ -674,8 +674,10 @@ if __name__ == "__main__":
             new_decoder, fit = refit
             if (bad := common.first_nonfinite({"losses/decoder_train": fit["train_loss"]})) is not None:
                 stop_nonfinite(bad)
-            probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
-            diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe)
+            # Diagnostics draw from their own generator: logging never moves the training random stream.
+            probe_gen = torch.Generator(device=device).manual_seed(args.seed + stage)
+            probe = data_obs[torch.randperm(len(data_obs), generator=probe_gen, device=device)[:2048]]
+            diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe, probe_gen)
 
             # ---- Stage boundary: latent policy reset to N(0, I); critic and obs statistics kept ----
             reset_latent_policy(policy, optimizer)

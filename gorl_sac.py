@@ -463,13 +463,13 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
 
 
 @torch.no_grad()
-def boundary_diagnostics(actor, old_decoder, new_decoder, obs, samples: int = 32) -> dict:
+def boundary_diagnostics(actor, old_decoder, new_decoder, obs, generator, samples: int = 32) -> dict:
     """Action-space checks of a refit (spec §7). Old composite policy tanh(g_old(s, mu + sigma xi));
     new one after the reset: tanh(g_new(s, xi))."""
     mu, sigma = actor(obs)
     a_old_det = torch.tanh(old_decoder(obs, mu))
     a_new_det = torch.tanh(new_decoder(obs, torch.zeros_like(mu)))
-    xi = torch.randn((samples, *mu.shape), device=obs.device)  # (S, B, d)
+    xi = torch.randn((samples, *mu.shape), generator=generator, device=obs.device)  # (S, B, d)
     obs_rep = obs.expand(samples, *obs.shape).reshape(-1, obs.shape[-1])
     a_old = torch.tanh(old_decoder(obs_rep, (mu + sigma * xi).reshape(-1, mu.shape[-1]))).reshape(xi.shape)
     a_new = torch.tanh(new_decoder(obs_rep, xi.reshape(-1, mu.shape[-1]))).reshape(xi.shape)
@@ -481,26 +481,29 @@ def boundary_diagnostics(actor, old_decoder, new_decoder, obs, samples: int = 32
     }
 
 
-def decoder_log_volume(decoder: FlowDecoder, obs: torch.Tensor) -> float:
+def decoder_log_volume(decoder: FlowDecoder, obs: torch.Tensor, generator) -> float:
     """E log|det dg(s, eps)/d eps| over states and eps ~ N(0, I): how much the decoder expands (> 0) or
     shrinks (< 0) volume, so entropy(u) = entropy(eps) + this. d backward passes give the per-sample
     Jacobian rows (samples are independent, so the gradient of a column's sum is each sample's row)."""
     if decoder.is_identity:
         return 0.0
-    eps = torch.randn(obs.shape[0], decoder.out.out_features, device=obs.device, requires_grad=True)
+    eps = torch.randn(obs.shape[0], decoder.out.out_features, generator=generator, device=obs.device,
+                      requires_grad=True)
     u = decoder.integrate(obs, eps)  # (B, d)
     rows = [torch.autograd.grad(u[:, j].sum(), eps, retain_graph=True)[0] for j in range(u.shape[1])]
     return torch.linalg.slogdet(torch.stack(rows, dim=1)).logabsdet.mean().item()  # (B, d, d) Jacobians
 
 
 @torch.no_grad()
-def action_noise(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor, samples: int = 8) -> float:
+def action_noise(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor, generator, samples: int = 8) -> float:
     """Per-state spread of the executed action: std over `samples` draws of tanh(g(s, mu + sigma xi))
     at each state, averaged over states and dims. This is the exploration noise the env sees; alpha
     only controls it through the latent entropy, so it is logged to see whether it narrows from
     stage to stage (README, GoRL-SAC)."""
     obs_rep = obs.repeat(samples, 1)  # (samples * B, obs_dim)
-    a = sample_action(actor, decoder, obs_rep)[0].reshape(samples, *obs.shape[:1], -1)  # (samples, B, d)
+    mu, sigma = actor(obs_rep)
+    eps = mu + sigma * torch.randn(mu.shape, generator=generator, device=mu.device)
+    a = torch.tanh(decoder(obs_rep, eps)).reshape(samples, *obs.shape[:1], -1)  # (samples, B, d)
     return a.std(0).mean().item()
 
 
@@ -779,10 +782,11 @@ if __name__ == "__main__":
             new_decoder, fit = refit
             if (bad := common.first_nonfinite({"losses/decoder_train": fit["train_loss"]})) is not None:
                 stop_nonfinite(bad)
-            probe = data_obs[torch.randperm(len(data_obs), device=device)[:2048]]
-            diagnostics = boundary_diagnostics(actor, old_decoder, new_decoder, probe)
-
-            log_volume = decoder_log_volume(new_decoder, probe[:512])
+            # Diagnostics draw from their own generator: logging never moves the training random stream.
+            probe_gen = torch.Generator(device=device).manual_seed(args.seed + stage)
+            probe = data_obs[torch.randperm(len(data_obs), generator=probe_gen, device=device)[:2048]]
+            diagnostics = boundary_diagnostics(actor, old_decoder, new_decoder, probe, probe_gen)
+            log_volume = decoder_log_volume(new_decoder, probe[:512], probe_gen)
 
             # ---- Stage boundary: actor reset to N(0, I); critics, targets, alpha and buffer kept ----
             reset_latent_actor(actor, actor_optimizer)
@@ -888,7 +892,8 @@ if __name__ == "__main__":
                     "charts/latent_sigma": sigma.mean().item(), "charts/latent_mu_abs": mu.abs().mean().item(),
                     "charts/action_abs": a_pi.abs().mean().item(),
                     "charts/action_std_over_batch": a_pi.std(0).mean().item(), "charts/stage": stage,
-                    "charts/action_noise_std": action_noise(actor, decoder, latest["obs"]),
+                    "charts/action_noise_std": action_noise(actor, decoder, latest["obs"],
+                                                             torch.Generator(device=device).manual_seed(global_step)),
                     "charts/SPS": global_step / logger.wall_time(),
                     "charts/env_time_fraction": env_time / logger.wall_time(),
                     "charts/update_time_fraction": update_time / logger.wall_time(),

@@ -112,3 +112,15 @@ def test_running_mean_std_is_exact():
         rms.update(chunk)
     np.testing.assert_allclose(rms.mean, data.mean(0), rtol=1e-10)
     np.testing.assert_allclose(rms.var, data.var(0), rtol=1e-10)
+
+
+def test_boundary_diagnostics_draw_nothing_from_the_training_random_stream():
+    torch.manual_seed(0)
+    policy = gorl_ppo.LatentPolicy(4, 2, 16, 2, nn.Tanh)
+    old, new = gorl_ppo.FlowDecoder(4, 2, 16, 2, 5), gorl_ppo.FlowDecoder(4, 2, 16, 2, 5)
+    new.is_identity.fill_(False)
+    rms = common.RunningMeanStd((4,))
+    before = torch.get_rng_state()
+    gorl_ppo.boundary_diagnostics(policy, old, new, rms, torch.randn(64, 4, generator=torch.Generator()),
+                                  torch.Generator().manual_seed(1))
+    assert torch.equal(torch.get_rng_state(), before)

@@ -162,14 +162,12 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
 def test_decoder_log_volume_matches_brute_force_jacobians():
     _, _, _, decoder = _nets()
     obs = torch.randn(4, 5)
-    torch.manual_seed(3)
-    estimate = gorl_sac.decoder_log_volume(decoder, obs)
-    torch.manual_seed(3)
-    eps = torch.randn(4, 2)
+    estimate = gorl_sac.decoder_log_volume(decoder, obs, torch.Generator().manual_seed(3))
+    eps = torch.randn(4, 2, generator=torch.Generator().manual_seed(3))
     brute = [torch.linalg.slogdet(torch.autograd.functional.jacobian(
         lambda e: decoder.integrate(obs[i:i + 1], e[None])[0], eps[i])).logabsdet for i in range(4)]
     assert abs(estimate - torch.stack(brute).mean().item()) < 1e-5
-    assert gorl_sac.decoder_log_volume(gorl_sac.FlowDecoder(5, 2, 16, 2, 10), obs) == 0.0  # identity at init
+    assert gorl_sac.decoder_log_volume(gorl_sac.FlowDecoder(5, 2, 16, 2, 10), obs, None) == 0.0  # identity at init
 
 
 def test_split_first_layer_decode_equals_the_plain_euler_loop():
@@ -189,3 +187,12 @@ def test_split_first_layer_decode_equals_the_plain_euler_loop():
     # forward() takes the split path by default and the plain loop when asked
     decoder.split_first_layer = False
     assert torch.equal(decoder(obs, eps), decoder.integrate(obs, eps))
+
+
+def test_diagnostics_and_logging_draw_nothing_from_the_training_random_stream():
+    actor, _, _, decoder = _nets()
+    obs = torch.randn(64, 5, generator=torch.Generator())
+    before = torch.get_rng_state()
+    gorl_sac.boundary_diagnostics(actor, decoder, decoder, obs, torch.Generator().manual_seed(1))
+    gorl_sac.action_noise(actor, decoder, obs, torch.Generator().manual_seed(2))
+    assert torch.equal(torch.get_rng_state(), before)
