@@ -1,22 +1,35 @@
 """Run the benchmark grid {script} x {env} x {variant} x {seed}: GoRL and its Gaussian twin
-(`--num-stages 1`) for gorl_ppo.py and gorl_sac.py.
+(`--num-stages 1`, everything else identical) for gorl_ppo.py and gorl_sac.py.
 
-    python benchmarks/run.py --dry-run                      # print the grid, run nothing
+    python benchmarks/run.py --dry-run                      # print the grid and each run's state, run nothing
     python benchmarks/run.py                                # this machine: a pool of --workers runs
     python benchmarks/run.py --executor slurm --slurm-partition cpu   # a SLURM cluster, via submitit
 
-Each run writes to OUT/runs/<script>__<env>__<variant>__s<seed>/ (one torch thread, no progress
-bar) and its stdout to OUT/logs/. The grid is resumable: a run whose eval.csv ends with its
-'final' row is skipped, a run with a checkpoint is continued with --resume, anything else starts
-afresh. When a run finishes, its eval.csv is copied to OUT/csv/<name>.csv, the per-run files that
-benchmarks/plot.py reads and that get committed (run directories hold checkpoints and are not).
+Every run is a process of its own; the runner knows the scripts only by their command line and
+their files. It starts a run as
+
+    gorl_<script>.py --env-id ENV --seed SEED --total-timesteps N --run-dir OUT/runs/NAME
+                     --exp-name VARIANT [--num-stages 1] [--ppo-args / --sac-args]
+
+(NAME = <script>__<env>__<variant>__s<seed>; every twin runs from its first step), continues it
+with `gorl_<script>.py --resume OUT/runs/NAME`, and reads two files of the run directory:
+eval.csv (the run is finished once its last row's tag is 'final') and checkpoint.pt (present: the
+run can be resumed). So the grid is resumable: finished runs are skipped, a run with a checkpoint
+is resumed, anything else starts afresh (a run directory without a checkpoint is deleted first).
+A finished run's eval.csv is copied to OUT/csv/NAME.csv; those files are what benchmarks/plot.py
+reads and what gets committed, and a run whose OUT/csv/NAME.csv is finished counts as done even
+without its run directory (a fresh clone has only the CSVs).
+
+Runs use a copy of the scripts made when the grid first runs anything: OUT/code/ holds every
+top-level *.py of --code (default: this repository) and COMMIT, the git commit it was copied from,
+so editing the repository does not change a grid in progress. Delete OUT/code/ to take up the
+current scripts. Run directories, logs and the copy stay on the machine (.gitignore).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import csv
-import dataclasses
 import glob
 import os
 import shutil
@@ -30,13 +43,10 @@ import tyro
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-stand", "walker-walk")
-# envpool's finger tasks are not dm_control's: under random actions the spinning hinge moves less (its
-# velocity's std 0.74x on finger-spin, 0.65x on finger-turn_hard) and finger-spin pays 0.06 per episode
-# against 0.50 (benchmarks/backend_parity.py, results/backend_parity*.csv). They run on dm_control's suite.
-DM_CONTROL_BACKEND = ("finger-spin", "finger-turn_hard")
 # The protocol's seeds: 3 per cell, 5 on hopper-stand (its outcomes vary most between seeds).
 SEEDS = (1, 2, 3)
 HOPPER_SEEDS = (1, 2, 3, 4, 5)
+STATES = ("done", "resume", "start")
 
 
 @dataclass
@@ -60,11 +70,13 @@ class Args:
     sac_args: str = ""
     """extra flags for every gorl_sac.py run; pass as --sac-args='...' (with '=')"""
     out: str = "benchmarks/results/grid"
-    """results folder: runs/, logs/, csv/, and the code copy the runs use"""
+    """results folder: code/, runs/, logs/ (all uncommitted) and csv/"""
+    code: str = REPO
+    """folder whose gorl_ppo.py, gorl_sac.py and other top-level *.py files are copied to OUT/code/ once"""
     workers: int = 2
     """runs at a time with --executor local (one per core here)"""
     executor: Literal["local", "submitit-local", "slurm"] = "local"
-    """local: a process pool on this machine; submitit-local / slurm: submitit's local or SLURM executor"""
+    """local: a pool on this machine; submitit-local / slurm: submitit's local or SLURM executor"""
     slurm_partition: Optional[str] = None
     """SLURM partition (--executor slurm)"""
     slurm_time_min: int = 600
@@ -83,178 +95,96 @@ def grid(args: Args) -> list[dict]:
         for env_id in args.envs:
             for variant in args.variants:
                 for seed in (hopper_seeds if env_id == "hopper-stand" else args.seeds):
-                    name = f"{script}__{env_id}__{variant}__s{seed}"
                     jobs.append({
-                        "name": name, "script": script, "env_id": env_id, "variant": variant, "seed": seed,
-                        "steps": args.ppo_steps if script == "ppo" else args.sac_steps,
-                        "extra": (args.ppo_args if script == "ppo" else args.sac_args).split()
-                        + (["--env-backend", "dm_control"] if env_id in DM_CONTROL_BACKEND else []),
+                        "name": f"{script}__{env_id}__{variant}__s{seed}", "script": script, "env_id": env_id,
+                        "variant": variant, "seed": seed, "steps": args.ppo_steps if script == "ppo" else args.sac_steps,
+                        "extra": (args.ppo_args if script == "ppo" else args.sac_args).split(),
                         "out": os.path.abspath(args.out), "python": args.python,
                     })
     return jobs
 
 
-def _finished(eval_csv: str) -> bool:
+def finished(eval_csv: str) -> bool:
     if not os.path.exists(eval_csv):
         return False
     with open(eval_csv) as f:
         rows = list(csv.DictReader(f))
-    return bool(rows) and rows[-1]["tag"] == "final"
+    return bool(rows) and rows[-1].get("tag") == "final"
 
 
-def sibling(job: dict) -> str:
-    """The GoRL run whose stage 0 a twin shares: same script, env and seed."""
-    return f"{job['script']}__{job['env_id']}__gorl__s{job['seed']}"
-
-
-def stage0_checkpoint(job: dict) -> Optional[str]:
-    """A twin's branch point: its GoRL sibling's stage-0-end checkpoint, where it exists (gorl_sac.py
-    keeps one). With the same seed and flags, the twin's first T_0 env steps compute exactly what
-    GoRL's stage 0 computed (tests/test_benchmarks.py checks this), so the twin continues from there
-    with --num-stages 1 instead of recomputing them: a third of a SAC twin's 500k steps."""
-    if job["variant"] != "twin":
-        return None
-    path = os.path.join(job["out"], "runs", sibling(job), "stage0_end.pt")
-    return path if os.path.exists(path) else None
+def run_dir(job: dict) -> str:
+    return os.path.join(job["out"], "runs", job["name"])
 
 
 def state(job: dict) -> str:
-    """'done', 'resume' (has a checkpoint), 'branch' (a twin that continues from its GoRL sibling's
-    stage 0) or 'start'. The committed OUT/csv/<name>.csv counts as done too: run directories are not
-    committed, so a fresh clone has only the CSVs of finished runs."""
-    run_dir = os.path.join(job["out"], "runs", job["name"])
-    if _finished(os.path.join(run_dir, "eval.csv")) or _finished(os.path.join(job["out"], "csv", f"{job['name']}.csv")):
+    """'done' (its run directory's or the committed OUT/csv/ eval.csv is finished), 'resume' (has a
+    checkpoint) or 'start'."""
+    if finished(os.path.join(run_dir(job), "eval.csv")) or finished(os.path.join(job["out"], "csv", f"{job['name']}.csv")):
         return "done"
-    if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        return "resume"
-    return "branch" if stage0_checkpoint(job) else "start"
-
-
-def branch(job: dict) -> str:
-    """Make the twin's run directory from its GoRL sibling's stage-0-end checkpoint: the arguments
-    change only where the twin's own command differs (one stage, its name and directory); eval.csv
-    and the tensorboard events are the sibling's up to that step. Then --resume continues it."""
-    import torch  # only here: the rest of the runner does not need it
-
-    source = stage0_checkpoint(job)
-    ckpt = torch.load(source, map_location="cpu", weights_only=False)
-    run_dir = os.path.join(job["out"], "runs", job["name"])
-    ckpt["args"].update(num_stages=1, stage_fractions=None, exp_name=job["variant"], run_dir=run_dir)
-    os.makedirs(run_dir)
-    gorl_dir = os.path.dirname(source)
-    with open(os.path.join(gorl_dir, "eval.csv")) as f:
-        rows = f.readlines()[: 1 + ckpt["logger"]["eval_rows"]]
-    with open(os.path.join(run_dir, "eval.csv"), "w") as f:
-        f.writelines(rows)
-    copy_shared_events(gorl_dir, run_dir, ckpt["global_step"], os.path.getmtime(source))
-    torch.save(ckpt, os.path.join(run_dir, "checkpoint.pt"))  # last: until here the twin is still 'branch'
-    return f"# branched from {source} at env step {ckpt['global_step']}\n"
-
-
-def copy_shared_events(gorl_dir: str, run_dir: str, step: int, written: float) -> None:
-    """Copy the GoRL sibling's tensorboard events that the twin shares: every step before `step`, and
-    those at `step` logged before the stage-0 checkpoint was `written` (wall time). The sibling's
-    boundary scalars (eval/boundary_*, decoder losses), logged at `step` after the checkpoint, stay out."""
-    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
-    from tensorboard.summary.writer.event_file_writer import EventFileWriter
-
-    for path in sorted(glob.glob(os.path.join(gorl_dir, "events.out.tfevents.*"))):
-        staging = os.path.join(run_dir, ".events")
-        writer = EventFileWriter(staging)
-        for event in LegacyEventFileLoader(path).Load():  # as written: no conversion of scalars to tensors
-            if event.HasField("file_version"):
-                continue  # the writer wrote its own
-            if event.step < step or (event.step == step and event.wall_time <= written):
-                writer.add_event(event)
-        writer.close()
-        # Keep the sibling's file name: tensorboard reads files in name (= creation time) order, and
-        # the resumed twin's own file must come after this one.
-        (copied,) = glob.glob(os.path.join(staging, "events.out.tfevents.*"))
-        os.replace(copied, os.path.join(run_dir, os.path.basename(path)))
-        os.rmdir(staging)
+    return "resume" if os.path.exists(os.path.join(run_dir(job), "checkpoint.pt")) else "start"
 
 
 def command(job: dict) -> list[str]:
     script = os.path.join(job["out"], "code", f"gorl_{job['script']}.py")
-    run_dir = os.path.join(job["out"], "runs", job["name"])
-    if state(job) in ("resume", "branch"):
-        return [job["python"], script, "--resume", run_dir]
+    if state(job) == "resume":
+        return [job["python"], script, "--resume", run_dir(job)]
     stages = ["--num-stages", "1"] if job["variant"] == "twin" else []
     return [job["python"], script, "--env-id", job["env_id"], "--seed", str(job["seed"]), "--total-timesteps",
-            str(job["steps"]), "--run-dir", run_dir, "--exp-name", job["variant"], *stages, *job["extra"]]
+            str(job["steps"]), "--run-dir", run_dir(job), "--exp-name", job["variant"], *stages, *job["extra"]]
 
 
 def run_job(job: dict) -> dict:
     """One grid cell, start to finish (or resumed); module-level so submitit can pickle it."""
     status = state(job)
+    eval_csv = os.path.join(run_dir(job), "eval.csv")
     if status != "done":
-        run_dir = os.path.join(job["out"], "runs", job["name"])
-        if status in ("start", "branch") and os.path.exists(run_dir):
-            shutil.rmtree(run_dir)  # died before its first checkpoint: nothing to keep
-        note = branch(job) if status == "branch" else ""
+        if status == "start" and os.path.exists(run_dir(job)):
+            shutil.rmtree(run_dir(job))  # died before its first checkpoint: nothing to keep
         os.makedirs(os.path.join(job["out"], "logs"), exist_ok=True)
         cmd = command(job)
-        env = dict(os.environ, GORL_NO_PROGRESS="1")
         with open(os.path.join(job["out"], "logs", f"{job['name']}.log"), "a") as log:
-            log.write(f"{note}$ {' '.join(cmd)}\n")
+            log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=job["out"])
-        if code != 0:
-            return {"name": job["name"], "status": f"failed (exit {code}, see logs/{job['name']}.log)"}
+            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=job["out"],
+                                   env=dict(os.environ, GORL_NO_PROGRESS="1"))
+        if code != 0 or not finished(eval_csv):
+            why = f"exit {code}" if code != 0 else "exit 0 without a final evaluation"
+            return {"name": job["name"], "status": f"failed ({why}, see logs/{job['name']}.log)"}
         status = "finished"
-    eval_csv = os.path.join(job["out"], "runs", job["name"], "eval.csv")
-    if os.path.exists(eval_csv):  # absent when only the committed CSV is left (a fresh clone)
+    if finished(eval_csv):  # absent when only the committed CSV is left (a fresh clone)
         os.makedirs(os.path.join(job["out"], "csv"), exist_ok=True)
         shutil.copyfile(eval_csv, os.path.join(job["out"], "csv", f"{job['name']}.csv"))
     return {"name": job["name"], "status": status}
 
 
-SCRIPTS = ("gorl_ppo.py", "gorl_sac.py", "common.py")
+def _git(folder: str, *argv: str) -> Optional[str]:
+    try:
+        result = subprocess.run(["git", "-C", folder, *argv], capture_output=True, text=True)
+    except OSError:  # no git on this machine
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
 
 
-def restore_code(code: str) -> None:
-    """Rebuild the frozen copies from git in a fresh clone (they are not committed, COMMIT is). Each
-    line of COMMIT that starts with a commit hash names the scripts taken from that commit, or
-    none for all three; later lines override earlier ones."""
-    source = {}
-    with open(os.path.join(code, "COMMIT")) as f:
-        for line in f:
-            sha = line.split()[0] if line.strip() else ""
-            if len(sha) != 40 or any(c not in "0123456789abcdef" for c in sha):
-                continue
-            if "with uncommitted changes" in line:
-                sys.exit(f"error: {code}/COMMIT records uncommitted changes ({sha}); the frozen scripts cannot "
-                         "be rebuilt from git, restore them by hand or start a new --out")
-            named = [name for name in SCRIPTS if name in line]
-            source.update({name: sha for name in (named or SCRIPTS)})
-    for name in SCRIPTS:
-        if name not in source:
-            sys.exit(f"error: {code}/COMMIT names no commit for {name}; allowed: lines '<40-hex commit> (files)'")
-        shown = subprocess.run(["git", "show", f"{source[name]}:{name}"], cwd=REPO, capture_output=True, text=True)
-        if shown.returncode != 0:
-            sys.exit(f"error: cannot rebuild {name} from commit {source[name]} ({shown.stderr.strip()})")
-        with open(os.path.join(code, name), "w") as f:
-            f.write(shown.stdout)
-
-
-def freeze_code(out: str) -> None:
-    """Runs use a copy of the scripts (with the commit it came from, in COMMIT), so editing the
-    repository does not change a grid in progress; the copy is kept once made, and rebuilt from
-    COMMIT in a fresh clone."""
+def freeze_code(out: str, source: str, scripts: set[str]) -> None:
+    """Copy the top-level *.py of `source` to OUT/code/ (once: an existing copy is kept) and write
+    COMMIT, the commit they came from; COMMIT is written last, so a copy interrupted halfway is redone."""
     code = os.path.join(out, "code")
-    if all(os.path.exists(os.path.join(code, name)) for name in SCRIPTS):
-        return
-    if os.path.exists(os.path.join(code, "COMMIT")):
-        restore_code(code)
-        return
-    os.makedirs(code, exist_ok=True)
-    for name in SCRIPTS:
-        shutil.copyfile(os.path.join(REPO, name), os.path.join(code, name))
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "gorl_ppo.py", "gorl_sac.py", "common.py"],
-                           cwd=REPO).returncode != 0
-    with open(os.path.join(code, "COMMIT"), "w") as f:
-        f.write(commit + (" (with uncommitted changes)" if dirty else "") + "\n")
+    if not os.path.exists(os.path.join(code, "COMMIT")):
+        files = sorted(glob.glob(os.path.join(source, "*.py")))
+        if missing := [s for s in sorted(scripts) if os.path.join(source, s) not in files]:
+            sys.exit(f"error: --code {source} has no {', '.join(missing)}")
+        os.makedirs(code, exist_ok=True)
+        for path in files:
+            shutil.copyfile(path, os.path.join(code, os.path.basename(path)))
+        commit = _git(source, "rev-parse", "HEAD")
+        dirty = _git(source, "status", "--porcelain", "--", *map(os.path.basename, files))
+        with open(os.path.join(code, "COMMIT"), "w") as f:
+            if commit is None:
+                f.write(f"unknown: {source} is not a git checkout\n")
+            else:
+                f.write(commit + (" (with uncommitted changes)" if dirty else "") + "\n")
+    if missing := [s for s in sorted(scripts) if not os.path.exists(os.path.join(code, s))]:
+        sys.exit(f"error: {code} has no {', '.join(missing)}; delete {code} to copy the scripts again")
 
 
 def main(args: Args) -> None:
@@ -263,53 +193,45 @@ def main(args: Args) -> None:
     if args.executor == "slurm" and args.slurm_partition is None:
         sys.exit("error: --executor slurm needs --slurm-partition")
     jobs = grid(args)
+    states = {job["name"]: state(job) for job in jobs}
     if args.dry_run:
         for job in jobs:
-            print(f"{state(job):6s} {job['name']}: {' '.join(command(job))}")
-        counts = {s: sum(state(j) == s for j in jobs) for s in ("done", "resume", "branch", "start")}
-        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['branch']} to branch, "
-              f"{counts['start']} to start")
+            print(f"{states[job['name']]:6s} {job['name']}: {' '.join(command(job))}")
+        counts = {s: sum(v == s for v in states.values()) for s in STATES}
+        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['start']} to start")
         return
-    os.makedirs(args.out, exist_ok=True)
-    freeze_code(os.path.abspath(args.out))
-    start = time.time()
-    if args.executor == "local":
-        # A SAC twin waits until its GoRL sibling in this grid has a stage-0 checkpoint to branch from
-        # or has ended; meanwhile the workers take other runs. (gorl_ppo.py keeps no such checkpoint.)
-        names = {job["name"] for job in jobs}
-        waiting, running = list(jobs), {}
+    todo = {f"gorl_{job['script']}.py" for job in jobs if states[job["name"]] != "done"}
+    if todo:
+        os.makedirs(args.out, exist_ok=True)
+        freeze_code(os.path.abspath(args.out), os.path.abspath(args.code), todo)
+    start, results = time.time(), []
 
-        def ready(job: dict) -> bool:
-            return (job["variant"] != "twin" or job["script"] != "sac" or sibling(job) not in names
-                    or state(job) != "start"
-                    or not any(j["name"] == sibling(job) for j in waiting + list(running.values())))
-
-        with concurrent.futures.ProcessPoolExecutor(max_workers=args.workers) as pool:
-            while waiting or running:
-                for job in [j for j in waiting if ready(j)][: args.workers - len(running)]:
-                    waiting.remove(job)
-                    running[pool.submit(run_job, job)] = job
-                finished, _ = concurrent.futures.wait(running, timeout=10,
-                                                      return_when=concurrent.futures.FIRST_COMPLETED)
-                for future in finished:
-                    del running[future]
-                    result = future.result()
-                    print(f"[{time.time() - start:7.0f}s] {result['name']}: {result['status']}", flush=True)
-        return
-    import submitit
-
-    folder = os.path.join(os.path.abspath(args.out), "submitit", "%j")
-    if args.executor == "submitit-local":
-        executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=args.slurm_time_min)
-    else:
-        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
-        executor.update_parameters(slurm_partition=args.slurm_partition, timeout_min=args.slurm_time_min,
-                                   cpus_per_task=1, mem_gb=4, slurm_array_parallelism=256)
-    submitted = executor.map_array(run_job, jobs)
-    print(f"submitted {len(submitted)} runs ({args.executor}); logs in {os.path.dirname(folder)}", flush=True)
-    for job, result in zip(jobs, (s.result() for s in submitted)):
+    def report(result: dict) -> None:
+        results.append(result)
         print(f"[{time.time() - start:7.0f}s] {result['name']}: {result['status']}", flush=True)
+
+    if args.executor == "local":
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(run_job, job) for job in jobs]):
+                report(future.result())
+    else:
+        import submitit
+
+        folder = os.path.join(os.path.abspath(args.out), "submitit", "%j")
+        if args.executor == "submitit-local":
+            executor = submitit.LocalExecutor(folder=folder)
+            executor.update_parameters(timeout_min=args.slurm_time_min)
+        else:
+            executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+            executor.update_parameters(slurm_partition=args.slurm_partition, timeout_min=args.slurm_time_min,
+                                       cpus_per_task=1, mem_gb=4, slurm_array_parallelism=256)
+        submitted = executor.map_array(run_job, jobs)
+        print(f"submitted {len(submitted)} runs ({args.executor}); logs in {os.path.dirname(folder)}", flush=True)
+        for future in submitted:
+            report(future.result())
+    failed = [r["name"] for r in results if r["status"].startswith("failed")]
+    if failed:
+        sys.exit(f"error: {len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ TwoPeaks-v0 (one step; one peak earns as much as two):
 Every episode is one step from the same observation. The reward is the sum of two Gaussian bumps of
 height 1 and width 0.2 centred at (0.6, 0.6) and (-0.6, -0.6), so a policy earns the most by putting
 its mass on the peaks; a single Gaussian must pick one peak or spread over the empty diagonal between
-them, while a policy that can be bimodal can cover both. Used by benchmarks/multimodality.py.
+them, while a policy that can be bimodal can cover both. The multimodality study runs the scripts on
+it (benchmarks/results/STUDIES.md).
 
 TwoPeaksRepeat-v0 (where covering both peaks pays): HORIZON steps per episode, and a peak's bump is
 worth DECAY^n, n its (soft) count of earlier hits in the episode, so hitting the same peak again earns

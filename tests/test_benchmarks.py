@@ -1,9 +1,12 @@
-"""benchmarks/run.py (grid, resumability, submitit's local executor) and benchmarks/plot.py."""
+"""benchmarks/run.py (grid, resumability, frozen code copy, executors), benchmarks/plot.py and the
+multimodality figures. The runner's logic runs against a stub of the scripts' command-line interface;
+one test runs the real scripts through it at tiny settings."""
 
+import ast
 import csv
 import glob
+import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +18,20 @@ ENV = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
 RUNNER = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py")]
 
 
+def test_benchmarks_import_nothing_from_the_scripts():
+    # The benchmarks run the scripts as processes and read their files; they never load them as modules.
+    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+    assert {os.path.basename(f) for f in files} >= {"run.py", "plot.py"}
+    for path in files:
+        with open(path) as f:
+            source = f.read()
+        for node in ast.walk(ast.parse(source)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            assert not any(n.split(".")[0] in ("gorl_ppo", "gorl_sac", "common") for n in names), (path, names)
+        assert "import_module" not in source and "__import__" not in source, path
+
+
 def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     result = subprocess.run(RUNNER + ["--dry-run", "--out", str(tmp_path / "grid")], env=ENV, capture_output=True,
                             text=True, timeout=120)
@@ -22,15 +39,16 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     lines = result.stdout.splitlines()
     runs = [l for l in lines if l.startswith("start ")]
     # 2 scripts x 2 variants x (5 tasks x 3 seeds + hopper-stand x 5 seeds)
-    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 0 to branch, 80 to start"
+    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 80 to start"
     for task in ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-stand", "walker-walk"):
         assert sum(f"__{task}__" in l for l in runs) == (20 if task == "hopper-stand" else 12)
     twins = [l for l in runs if "__twin__" in l]
-    assert len(twins) == 40 and all("--num-stages 1" in l for l in twins)
+    assert len(twins) == 40 and all(l.endswith("--exp-name twin --num-stages 1") for l in twins)
     assert not any("--num-stages" in l for l in runs if "__gorl__" in l)
     assert all("--total-timesteps 500000" in l for l in runs if l.split()[1].startswith("sac__"))
-    # envpool's finger tasks differ from dm_control's (README, Benchmarks): those run on the Python suite
-    assert all(("--env-backend dm_control" in l) == ("__finger-" in l) for l in runs)
+    assert all("--total-timesteps 3000000" in l for l in runs if l.split()[1].startswith("ppo__"))
+    code = os.path.join(str(tmp_path / "grid"), "code")
+    assert all(f" {code}/gorl_{l.split()[1][:3]}.py --env-id " in l for l in runs)
     assert not (tmp_path / "grid").exists()
     # A chosen --seeds applies to hopper-stand too (it once ran seeds 1-5 whatever --seeds said).
     for flags, expected in ((["--seeds", "3"], ["s3"]), (["--seeds", "3", "--hopper-seeds", "4", "5"], ["s4", "s5"])):
@@ -42,135 +60,179 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
             == expected
 
 
-TINY = ["--scripts", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "2", "--sac-steps", "800",
-        "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 50 "
-        "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200 --checkpoint-interval 200"]
+# A stand-in for gorl_ppo.py / gorl_sac.py with the interface the runner relies on: --run-dir must not
+# exist, eval.csv gets a row per 100 env steps and a 'final' row, checkpoint.pt (here JSON) after each,
+# --resume RUN_DIR continues from it. It logs its argv to $STUB_CALLS and exits with CODE right after the
+# checkpoint at step S of run NAME when $STUB_CRASH is NAME:S:CODE. return_std is its MARK, to tell copies apart.
+STUB = '''import argparse, json, os, sys
+MARK = 1.0
+parser = argparse.ArgumentParser()
+for flag in ("--env-id", "--run-dir", "--resume", "--exp-name"):
+    parser.add_argument(flag)
+for flag in ("--seed", "--total-timesteps", "--num-stages"):
+    parser.add_argument(flag, type=int)
+args, extra = parser.parse_known_args()
+with open(os.environ["STUB_CALLS"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+if args.resume:
+    run_dir = args.resume
+    with open(os.path.join(run_dir, "checkpoint.pt")) as f:
+        saved = json.load(f)
+    print("resuming at step", saved["step"])
+else:
+    run_dir = args.run_dir
+    os.makedirs(run_dir)
+    saved = {"step": 0, "total": args.total_timesteps, "stages": args.num_stages or 2}
+    with open(os.path.join(run_dir, "eval.csv"), "w") as f:
+        f.write("global_step,stage,return_mean,return_std,wall_time_s,tag\\n")
+while saved["step"] < saved["total"]:
+    saved["step"] += 100
+    stage = int(saved["stages"] > 1 and 2 * saved["step"] > saved["total"])
+    with open(os.path.join(run_dir, "eval.csv"), "a") as f:
+        f.write(f"{saved['step']},{stage},{saved['step'] / 10},{MARK},1.0,periodic\\n")
+        if saved["step"] >= saved["total"]:
+            f.write(f"{saved['step']},{stage},{saved['step'] / 10},{MARK},1.0,final\\n")
+    with open(os.path.join(run_dir, "checkpoint.pt"), "w") as f:
+        json.dump(saved, f)
+    crash = os.environ.get("STUB_CRASH", "::").split(":")
+    if not args.resume and crash[:2] == [os.path.basename(run_dir), str(saved["step"])]:
+        sys.exit(int(crash[2]))
+'''
+STUB_GRID = ["--scripts", "ppo", "sac", "--envs", "toy", "--seeds", "1", "--ppo-steps", "400", "--sac-steps", "300",
+             "--ppo-args=--num-envs 4"]
 
 
-def test_grid_runs_through_submitit_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
-    out = tmp_path / "grid"
-    # An interrupted run in the grid's place: started by hand, stopped by Ctrl-C after two evaluations.
-    dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
-    first = next(l for l in dry.stdout.splitlines() if "__gorl__s1" in l).split(": ", 1)[1].split()
-    first[1] = os.path.join(ROOT, "gorl_sac.py")  # the grid's code copy does not exist before it runs
-    proc = subprocess.Popen(first, env=ENV, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    run_dir = out / "runs" / "sac__tests.toy_envs:Toy-v0__gorl__s1"
-    while proc.poll() is None:
-        if (run_dir / "eval.csv").exists() and len((run_dir / "eval.csv").read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    assert proc.wait(timeout=120) == 130
-    dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 0 done, 1 to resume, 0 to branch, 3 to start"
+def _git(folder, *argv):
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(folder), *argv],
+                          capture_output=True, text=True, check=True).stdout.strip()
 
-    result = subprocess.run(RUNNER + TINY + ["--out", str(out), "--executor", "submitit-local"], env=ENV,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(": finished") == 4, result.stdout
-    assert "resuming" in (out / "logs" / "sac__tests.toy_envs:Toy-v0__gorl__s1.log").read_text()
-    csvs = sorted(os.path.basename(p) for p in glob.glob(str(out / "csv" / "*.csv")))
-    assert len(csvs) == 4 and all(name.startswith("sac__tests.toy_envs:Toy-v0__") for name in csvs)
-    with open(out / "csv" / "sac__tests.toy_envs:Toy-v0__twin__s2.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert rows[-1]["tag"] == "final" and rows[-1]["global_step"] == "800" and {r["stage"] for r in rows} == {"0"}
 
-    again = subprocess.run(RUNNER + TINY + ["--out", str(out), "--workers", "2"], env=ENV, capture_output=True,
+def _stub_repo(folder):
+    """A git repository of its own holding the stub as both scripts, so the test needs no outer history."""
+    folder.mkdir()
+    for name in ("gorl_ppo.py", "gorl_sac.py"):
+        (folder / name).write_text(STUB)
+    _git(folder, "init", "-q")
+    _git(folder, "add", ".")
+    _git(folder, "commit", "-q", "-m", "stub")
+    return _git(folder, "rev-parse", "HEAD")
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_skips_finished_runs_resumes_interrupted_ones_and_keeps_its_code_copy(tmp_path):
+    code, out, calls = tmp_path / "code", tmp_path / "grid", tmp_path / "calls.jsonl"
+    sha = _stub_repo(code)
+    env = dict(ENV, STUB_CALLS=str(calls))
+    grid = RUNNER + STUB_GRID + ["--code", str(code), "--out", str(out)]
+
+    def called():
+        return [json.loads(l) for l in calls.read_text().splitlines()] if calls.exists() else []
+
+    # A run directory without a checkpoint (died while starting): deleted, and the run starts afresh.
+    (out / "runs" / "sac__toy__twin__s1").mkdir(parents=True)
+    (out / "runs" / "sac__toy__twin__s1" / "junk").write_text("")
+    # First pass: PPO GoRL stops after its checkpoint at step 200 (exit 0, yet no final row: not finished);
+    # the other three finish.
+    first = subprocess.run(grid, env=dict(env, STUB_CRASH="ppo__toy__gorl__s1:200:0"), capture_output=True,
                            text=True, timeout=120)
-    assert again.returncode == 0 and again.stdout.count(": done") == 4, again.stdout + again.stderr
+    assert first.returncode != 0 and "1 of 4 runs failed: ppo__toy__gorl__s1" in first.stderr, first.stdout + first.stderr
+    assert first.stdout.count(": finished") == 3, first.stdout
+    assert "ppo__toy__gorl__s1: failed (exit 0 without a final evaluation, see logs/ppo__toy__gorl__s1.log)" in first.stdout
+    assert not (out / "runs" / "sac__toy__twin__s1" / "junk").exists()
+    starts = {c[c.index("--run-dir") + 1].rsplit("/", 1)[1]: c for c in called()}
+    assert sorted(starts) == ["ppo__toy__gorl__s1", "ppo__toy__twin__s1", "sac__toy__gorl__s1", "sac__toy__twin__s1"]
+    for name, argv in starts.items():
+        script, _, variant, _ = name.split("__")
+        assert argv[:6] == ["--env-id", "toy", "--seed", "1", "--total-timesteps", "400" if script == "ppo" else "300"]
+        assert argv[8:10] == ["--exp-name", variant]
+        assert argv[10:] == (["--num-stages", "1"] if variant == "twin" else []) + (["--num-envs", "4"] if script == "ppo" else [])
+    # The runs used a copy of the scripts, with the commit it came from.
+    assert (out / "code" / "gorl_ppo.py").read_text() == STUB
+    assert (out / "code" / "COMMIT").read_text() == sha + "\n"
+    assert sorted(os.listdir(out / "csv")) == ["ppo__toy__twin__s1.csv", "sac__toy__gorl__s1.csv", "sac__toy__twin__s1.csv"]
+
+    dry = subprocess.run(grid + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.stdout.splitlines()[-1] == "4 runs: 3 done, 1 to resume, 0 to start", dry.stdout + dry.stderr
+    resume = next(l for l in dry.stdout.splitlines() if l.startswith("resume "))
+    assert resume.endswith(f"{out}/code/gorl_ppo.py --resume {out}/runs/ppo__toy__gorl__s1")
+
+    # Editing the scripts does not change the grid in progress: the resumed run uses the copy.
+    (code / "gorl_ppo.py").write_text(STUB.replace("MARK = 1.0", "MARK = 2.0"))
+    second = subprocess.run(grid + ["--executor", "submitit-local"], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count(": finished") == 1 and second.stdout.count(": done") == 3, second.stdout
+    assert called()[4:] == [["--resume", str(out / "runs" / "ppo__toy__gorl__s1")]]
+    assert "resuming at step 200" in (out / "logs" / "ppo__toy__gorl__s1.log").read_text()
+    rows = _rows(out / "csv" / "ppo__toy__gorl__s1.csv")
+    assert [(r["global_step"], r["stage"], r["tag"]) for r in rows] == [
+        ("100", "0", "periodic"), ("200", "0", "periodic"), ("300", "1", "periodic"), ("400", "1", "periodic"),
+        ("400", "1", "final")]
+    assert {r["return_std"] for r in rows} == {"1.0"}
+    assert {r["stage"] for r in _rows(out / "csv" / "sac__toy__twin__s1.csv")} == {"0"}
+
+    third = subprocess.run(grid + ["--workers", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and third.stdout.count(": done") == 4, third.stdout + third.stderr
+    assert len(called()) == 5
+
+    # A new grid copies the edited scripts and records that they were not committed.
+    fresh = subprocess.run(RUNNER + ["--scripts", "ppo", "--envs", "toy", "--seeds", "1", "--variants", "twin",
+                                     "--ppo-steps", "100", "--code", str(code), "--out", str(tmp_path / "new")],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert (tmp_path / "new" / "code" / "COMMIT").read_text() == sha + " (with uncommitted changes)\n"
+    assert {r["return_std"] for r in _rows(tmp_path / "new" / "csv" / "ppo__toy__twin__s1.csv")} == {"2.0"}
 
 
-def test_fresh_clone_counts_committed_csvs_as_done_and_rebuilds_the_frozen_code_from_commit(tmp_path):
-    # A fresh clone holds OUT/csv/*.csv and OUT/code/COMMIT but neither run directories nor code copies.
-    out = tmp_path / "grid"
+def test_committed_csvs_count_as_done_without_run_directories(tmp_path):
+    # A fresh clone holds OUT/csv/*.csv but neither run directories nor the code copy.
+    out, calls = tmp_path / "grid", tmp_path / "calls.jsonl"
     (out / "csv").mkdir(parents=True)
-    for variant in ("gorl", "twin"):
-        for seed in (1, 2):
-            _write_run(out / "csv" / f"sac__tests.toy_envs:Toy-v0__{variant}__s{seed}.csv", final=5.0)
-    (out / "code").mkdir()
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    first = subprocess.run(["git", "rev-list", "--max-parents=0", "HEAD"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.split()[0]
-    # HEAD for every script, then HEAD again for gorl_sac.py with a note; a line that is no commit is ignored
-    (out / "code" / "COMMIT").write_text(f"{head}\n{head} (gorl_sac.py, a note)\nnot a commit line\n")
-    dry = subprocess.run(RUNNER + TINY + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
-    result = subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120)
+    for name in ("ppo__toy__gorl__s1", "ppo__toy__twin__s1", "sac__toy__gorl__s1", "sac__toy__twin__s1"):
+        _write_run(out / "csv" / f"{name}.csv", final=5.0)
+    # a CSV copied before its run finished does not count
+    with open(out / "csv" / "sac__toy__twin__s1.csv") as f:
+        lines = f.readlines()
+    (out / "csv" / "sac__toy__twin__s1.csv").write_text("".join(lines[:-1]))
+    grid = RUNNER + STUB_GRID + ["--code", str(tmp_path / "nowhere"), "--out", str(out)]
+    env = dict(ENV, STUB_CALLS=str(calls))
+    dry = subprocess.run(grid + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert dry.stdout.splitlines()[-1] == "4 runs: 3 done, 0 to resume, 1 to start", dry.stdout + dry.stderr
+    assert next(l for l in dry.stdout.splitlines() if l.startswith("start ")).startswith("start  sac__toy__twin__s1: ")
+    # To run anything, the runner needs the scripts: a --code without them is one line of error.
+    bad = subprocess.run(grid, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip() == f"error: --code {tmp_path / 'nowhere'} has no gorl_sac.py"
+    # With every run done there is nothing to run: no code copy, no run directories, the CSVs untouched.
+    (out / "csv" / "sac__toy__twin__s1.csv").write_text("".join(lines))
+    result = subprocess.run(grid, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.count(": done") == 4, result.stdout + result.stderr
-    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
-    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
-        shown = subprocess.run(["git", "show", f"{head}:{name}"], cwd=ROOT, capture_output=True, text=True).stdout
-        assert (out / "code" / name).read_text() == shown, name
-
-    # the per-script override: gorl_sac.py from an older commit than the rest
-    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
-        (out / "code" / name).unlink()
-    def show(rev, name):
-        return subprocess.run(["git", "show", f"{rev}:{name}"], cwd=ROOT, capture_output=True, text=True).stdout
-
-    # an older commit whose gorl_sac.py differs from HEAD's, so that ignoring the override would show
-    touching = subprocess.run(["git", "log", "--format=%H", head, "--", "gorl_sac.py"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.split()
-    sac_sha = next((sha for sha in touching if show(sha, "gorl_sac.py") not in ("", show(head, "gorl_sac.py"))), None)
-    assert sac_sha, "needs the repository's history (a full clone, as .ci/run gets)"
-    (out / "code" / "COMMIT").write_text(f"{head}\n{sac_sha} (gorl_sac.py)\n")
-    assert subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True).returncode == 0
-    assert (out / "code" / "gorl_sac.py").read_text() == show(sac_sha, "gorl_sac.py")
-    assert (out / "code" / "gorl_sac.py").read_text() != show(head, "gorl_sac.py")
-    assert (out / "code" / "gorl_ppo.py").read_text() == show(head, "gorl_ppo.py")  # other scripts keep HEAD
-
-    # a copy made from uncommitted changes cannot be rebuilt: one line, naming the commit
-    for name in ("gorl_ppo.py", "gorl_sac.py", "common.py"):
-        (out / "code" / name).unlink(missing_ok=True)
-    (out / "code" / "COMMIT").write_text(f"{first} (with uncommitted changes)\n")
-    bad = subprocess.run(RUNNER + TINY + ["--out", str(out)], env=ENV, capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "uncommitted changes" in bad.stderr and first in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert sorted(os.listdir(out)) == ["csv"] and not calls.exists()
 
 
-def test_twin_continues_from_gorl_stage0_and_computes_what_a_twin_from_scratch_computes(tmp_path):
-    one_seed = TINY[:6] + TINY[7:]  # seed 1 only
-    assert one_seed[4:7] == ["--seeds", "1", "--sac-steps"]
-    out, scratch = tmp_path / "grid", tmp_path / "scratch"
-    # Two workers: the twin must wait for GoRL's stage 0 rather than start at once.
-    result = subprocess.run(RUNNER + one_seed + ["--out", str(out), "--workers", "2"], env=ENV, capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0 and result.stdout.count(": finished") == 2, result.stdout + result.stderr
-    log = (out / "logs" / "sac__tests.toy_envs:Toy-v0__twin__s1.log").read_text()
-    assert log.startswith("# branched from ") and "stage0_end.pt at env step 533" in log and "resuming" in log, log
-
-    # The same twin from its first step, in a grid of its own (no GoRL sibling to branch from).
-    dry = subprocess.run(RUNNER + one_seed + ["--out", str(scratch), "--variants", "twin", "--dry-run"], env=ENV,
-                         capture_output=True, text=True)
-    cmd = dry.stdout.splitlines()[0].split(": ", 1)[1].split()
-    assert dry.stdout.startswith("start ") and "--num-stages 1" in " ".join(cmd)
-    cmd[1] = str(out / "code" / "gorl_sac.py")
-    assert subprocess.run(cmd, env=ENV, cwd=tmp_path, capture_output=True, timeout=300).returncode == 0
-
-    def rows(path):
-        with open(path) as f:
-            return [(r["global_step"], r["stage"], r["return_mean"], r["return_std"], r["tag"]) for r in csv.DictReader(f)]
-
-    branched, fresh = rows(out / "csv" / "sac__tests.toy_envs:Toy-v0__twin__s1.csv"), rows(
-        scratch / "runs" / "sac__tests.toy_envs:Toy-v0__twin__s1" / "eval.csv")
-    assert branched == fresh and fresh[-1][0] == "800" and {r[1] for r in fresh} == {"0"}
-    gorl = rows(out / "csv" / "sac__tests.toy_envs:Toy-v0__gorl__s1.csv")
-    assert any(r[4] == "boundary_after" for r in gorl) and gorl[-1] != fresh[-1]  # GoRL did go on differently
-
-    # tensorboard: the twin holds the shared history but none of GoRL's boundary scalars
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    def scalars(run):
-        acc = EventAccumulator(str(out / "runs" / f"sac__tests.toy_envs:Toy-v0__{run}__s1"), size_guidance={"scalars": 0})
-        acc.Reload()
-        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-    twin_tb, gorl_tb = scalars("twin"), scalars("gorl")
-    assert "eval/boundary_after" in gorl_tb and not any(tag.startswith("eval/boundary") for tag in twin_tb)
-    assert "losses/decoder_train" in gorl_tb and "losses/decoder_train" not in twin_tb
-    shared = [point for point in gorl_tb["eval/return_mean"] if point[0] <= 533]
-    assert shared and twin_tb["eval/return_mean"][: len(shared)] == shared
-    assert twin_tb["eval/return_mean"][-1][0] == 800
+def test_grid_runs_the_real_scripts(tmp_path):
+    # Both scripts, GoRL and twin, one seed, on a toy env at a few hundred steps: the flags the runner
+    # passes and the files it reads (eval.csv with its 'final' row) are the scripts' own.
+    out = tmp_path / "grid"
+    grid = RUNNER + ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1",
+                     "--ppo-steps", "512", "--sac-steps", "800", "--out", str(out), "--workers", "2",
+                     "--ppo-args=--num-envs 4 --num-steps 32 --decoder-train-steps 50 --eval-episodes 2 "
+                     "--eval-interval 256",
+                     "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 50 "
+                     "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200"]
+    result = subprocess.run(grid, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.count(": finished") == 4, result.stdout + result.stderr
+    for script, steps in (("ppo", "512"), ("sac", "800")):
+        gorl = _rows(out / "csv" / f"{script}__tests.toy_envs:Toy-v0__gorl__s1.csv")
+        twin = _rows(out / "csv" / f"{script}__tests.toy_envs:Toy-v0__twin__s1.csv")
+        assert gorl[-1]["tag"] == twin[-1]["tag"] == "final" and gorl[-1]["global_step"] == twin[-1]["global_step"] == steps
+        assert any(r["tag"] == "boundary_after" for r in gorl) and {r["stage"] for r in gorl} == {"0", "1"}
+        assert {r["stage"] for r in twin} == {"0"} and not any(r["tag"].startswith("boundary") for r in twin)
+    dry = subprocess.run(grid + ["--dry-run"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to start", dry.stdout + dry.stderr
 
 
 def _write_run(path, final, boundary=None):
@@ -205,11 +267,17 @@ def test_report_rebuilds_figures_and_the_readme_table_from_csvs_in_under_a_minut
     assert "| PPO | cheetah-run | GoRL | 3 | 520.0 ± 8.2 | 510.0, 520.0, 530.0 | 400→391; 400→392; 400→393 | 3000 |" in text
     assert "| PPO | walker-walk | Gaussian twin (K=1) | 3 | 470.0 ± 8.2 |" in text
     assert "PPO GoRL: 0.520 [" in text and "over 2 tasks, 6 runs" in text
+    assert (tmp_path / "results.md").read_text() in text
     # 2 tasks x 2 variants x 3 seeds of PPO finished; the status names what the protocol still lacks.
     status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
     assert status.startswith("Protocol: 4 of 24 cells have a finished run; 12 of 80 runs finished.")
     assert "PPO finger-spin GoRL" in status and "SAC walker-walk Gaussian twin (K=1)" in status
     assert "PPO cheetah-run GoRL" not in status
+    # A README without the markers is an error, and is left as it was.
+    readme.write_text("no markers\n")
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), "--out", str(tmp_path),
+                          "--readme", str(readme)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "<!-- benchmark-results -->" in bad.stderr and readme.read_text() == "no markers\n"
 
 
 def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_different_seed_counts(tmp_path):
@@ -236,59 +304,6 @@ def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_
     # The status names the cells short of the protocol's 3 seeds, with their counts, and no full cell.
     status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
     assert status.endswith(" Fewer than 3 seeds: PPO walker-walk GoRL (2), PPO walker-walk Gaussian twin (K=1) (1).")
-
-
-def test_two_peaks_reward_and_multimodality_sample_and_plot(tmp_path):
-    sys.path.insert(0, ROOT)
-    from benchmarks import toy_two_peaks
-
-    assert abs(toy_two_peaks.reward([0.6, 0.6]) - 1.0) < 1e-3 and abs(toy_two_peaks.reward([-0.6, -0.6]) - 1.0) < 1e-3
-    assert toy_two_peaks.reward([0.0, 0.0]) < 0.02 and toy_two_peaks.reward([0.6, -0.6]) < 0.02
-    # A tiny GoRL-PPO run on the toy (two stages, so the composite goes through a fitted decoder).
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_ppo.py"), "--env-id",
-                          "benchmarks.toy_two_peaks:TwoPeaks-v0", "--num-envs", "8", "--num-steps", "16",
-                          "--total-timesteps", "1024", "--decoder-train-steps", "50", "--eval-episodes", "2",
-                          "--run-dir", str(tmp_path / "run")], env=ENV, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    tool = [sys.executable, os.path.join(ROOT, "benchmarks", "multimodality.py")]
-    ckpt = str(tmp_path / "run" / "checkpoint.pt")
-    out = tmp_path / "mm" / "toy.csv"
-    sample = subprocess.run(tool + ["sample", "--checkpoints", ckpt, ckpt, "--labels", "A", "B", "--steps", "0",
-                                    "--samples", "300", "--out", str(out)], env=ENV, capture_output=True, text=True)
-    assert sample.returncode == 0, sample.stderr[-2000:]
-    with open(out) as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 600 and {r["policy"] for r in rows} == {"A", "B"}
-    actions = [(float(r["a0"]), float(r["a1"])) for r in rows]
-    assert all(-1 <= a <= 1 and -1 <= b <= 1 for a, b in actions) and len(set(actions)) > 100  # sampled, not the mean
-    # Same checkpoint and sampling seed: both columns hold the same samples.
-    assert [r["a0"] for r in rows[:300]] == [r["a0"] for r in rows[300:]]
-    plot = subprocess.run(tool + ["plot", str(out), "--dims", "0", "1"], env=ENV, capture_output=True, text=True)
-    assert plot.returncode == 0 and (tmp_path / "mm" / "toy_dims01.png").stat().st_size > 10_000, plot.stderr
-    bad = subprocess.run(tool + ["plot", str(out), "--dims", "0", "5"], env=ENV, capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --dims 0 5")
-
-
-def test_two_peaks_repeat_pays_for_covering_both_peaks():
-    sys.path.insert(0, ROOT)
-    from benchmarks import toy_two_peaks as toy
-
-    env = toy.TwoPeaksRepeat()
-    obs, _ = env.reset(seed=0)
-    rewards, ends = [], []
-    for _ in range(toy.HORIZON):  # the same peak every step: each hit is worth half the one before
-        obs, r, terminated, truncated, _ = env.step(toy.PEAKS[0])
-        rewards.append(r)
-        ends.append((terminated, truncated))
-    assert np.allclose(rewards, 0.5 ** np.arange(toy.HORIZON), atol=1e-4)
-    assert ends[-1] == (True, False) and not any(t for t, _ in ends[:-1])
-    assert np.allclose(obs, [1.0, 0.0])  # neither the time nor the hits are observed: no clock to alternate by
-    env.reset()
-    env.step(toy.PEAKS[0])
-    assert abs(env.step(toy.PEAKS[1])[1] - 1.0) < 1e-4  # the other peak is still fresh
-    one_peak, both = toy.expected_return(1.0, episodes=50), toy.expected_return(0.5, episodes=2000)
-    assert abs(one_peak - 2 * (1 - 0.5**toy.HORIZON)) < 1e-3 and 3.4 < both < 3.8
 
 
 def _plot_module(monkeypatch):
@@ -335,3 +350,47 @@ def test_status_names_hopper_cells_short_of_their_five_seeds(tmp_path, monkeypat
     assert status.startswith("Protocol: 3 of 24 cells have a finished run; 11 of 80 runs finished.")
     assert status.endswith(" Fewer than 3 seeds: PPO hopper-stand GoRL (2)."
                            " hopper-stand short of its 5 seeds: SAC hopper-stand GoRL (4).")
+
+
+def test_multimodality_plot_draws_two_action_dimensions_per_policy_and_state(tmp_path):
+    rng = np.random.default_rng(0)
+    out = tmp_path / "toy.csv"
+    with open(out, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["env_id", "policy", "state_step", "a0", "a1", "a2"])
+        for policy, centre in (("A", 0.6), ("B", -0.6)):
+            for step in (0, 5):
+                for a in np.clip(centre + 0.1 * rng.standard_normal((300, 3)), -1, 1):
+                    writer.writerow(["toy", policy, step, *np.round(a, 5)])
+    tool = [sys.executable, os.path.join(ROOT, "benchmarks", "multimodality.py")]
+    plot = subprocess.run(tool + [str(out), "--dims", "0", "2"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0 and (tmp_path / "toy_dims02.png").stat().st_size > 10_000, plot.stderr
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "toy_dims02.png").size
+    assert 0.9 < width / height < 1.3  # 2 policies across, 2 states down
+    bad = subprocess.run(tool + [str(out), "--dims", "0", "5"], env=ENV, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --dims 0 5: need two different action dimensions in 0..2"
+
+
+def test_two_peaks_reward_and_the_repeat_toy_pay_for_covering_both_peaks():
+    sys.path.insert(0, ROOT)
+    from benchmarks import toy_two_peaks as toy
+
+    assert abs(toy.reward([0.6, 0.6]) - 1.0) < 1e-3 and abs(toy.reward([-0.6, -0.6]) - 1.0) < 1e-3
+    assert toy.reward([0.0, 0.0]) < 0.02 and toy.reward([0.6, -0.6]) < 0.02
+    env = toy.TwoPeaksRepeat()
+    obs, _ = env.reset(seed=0)
+    rewards, ends = [], []
+    for _ in range(toy.HORIZON):  # the same peak every step: each hit is worth half the one before
+        obs, r, terminated, truncated, _ = env.step(toy.PEAKS[0])
+        rewards.append(r)
+        ends.append((terminated, truncated))
+    assert np.allclose(rewards, 0.5 ** np.arange(toy.HORIZON), atol=1e-4)
+    assert ends[-1] == (True, False) and not any(t for t, _ in ends[:-1])
+    assert np.allclose(obs, [1.0, 0.0])  # neither the time nor the hits are observed: no clock to alternate by
+    env.reset()
+    env.step(toy.PEAKS[0])
+    assert abs(env.step(toy.PEAKS[1])[1] - 1.0) < 1e-4  # the other peak is still fresh
+    one_peak, both = toy.expected_return(1.0, episodes=50), toy.expected_return(0.5, episodes=2000)
+    assert abs(one_peak - 2 * (1 - 0.5**toy.HORIZON)) < 1e-3 and 3.4 < both < 3.8
