@@ -1,14 +1,17 @@
-"""Small utilities shared by gorl_ppo.py and gorl_sac.py.
+"""Plumbing shared by gorl_ppo.py and gorl_sac.py: environments, evaluation, observation statistics
+and the run lifecycle (command line, checkpoints, --resume, --eval-only, signals, logs).
 
-Only plumbing lives here (environments, evaluation, logging, checkpoints, observation
-statistics). Everything that is part of the GoRL algorithm is written out in each script so that
-each script reads on its own next to the paper.
+Nothing here is part of the GoRL algorithm: that is written out in each script, so that each script
+reads on its own next to the paper.
 """
 
 from __future__ import annotations
 
+import collections
 import csv
+import dataclasses
 import difflib
+import functools
 import importlib
 import os
 import random
@@ -16,53 +19,52 @@ import re
 import signal
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
+import tyro
 
 if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
     # Headless: pick a renderer that exists, so dm_control does not try (and warn about) GLFW.
     import ctypes.util
 
     os.environ["MUJOCO_GL"] = next(
-        (gl for gl, lib in (("egl", "EGL"), ("osmesa", "OSMesa")) if ctypes.util.find_library(lib)), "disable"
-    )
-
-# ----------------------------------------------------------------------------------------------
-# Errors for bad input: one line on stderr, non-zero exit, no traceback.
-# ----------------------------------------------------------------------------------------------
+        (gl for gl, lib in (("egl", "EGL"), ("osmesa", "OSMesa")) if ctypes.util.find_library(lib)), "disable")
 
 
 class UsageError(ValueError):
-    """A bad argument or file given by the user; printed as one line by `exit_on_usage_error`."""
+    """A bad argument or file given by the user: printed as one line, exit code 2, nothing created."""
 
 
-def exit_on_usage_error(err: UsageError) -> None:
-    print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+# ---- environments ----
+
+BACKENDS = ("auto", "envpool", "dm_control")
+# envpool's C++ finger differs from dm_control's (the spinner's hinge velocity spreads 0.65-0.74x as
+# wide; a random policy scores 0.06 vs 0.50 on finger-spin), so `auto` avoids it (README, details).
+ENVPOOL_MISMATCHED_DOMAINS = ("finger",)
 
 
-# ----------------------------------------------------------------------------------------------
-# Environments
-# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EnvSpec:
+    """An --env-id parsed and checked once: a gymnasium id, or a dm_control (domain, task) run on
+    envpool's C++ port or on the Python suite."""
+
+    env_id: str
+    backend: str  # "gym", "dm_control" or "envpool"
+    name: str | tuple[str, str]
+    envpool_id: Optional[str] = None
 
 
-def _dmc_tasks() -> list[tuple[str, str]]:
-    from dm_control import suite
-
-    return list(suite.ALL_TASKS)
-
-
-def resolve_env_id(env_id: str) -> tuple[str, str | tuple[str, str]]:
-    """Map a user env id to ("dmc", (domain, task)) or ("gym", gym_id).
-
-    Accepted: short dm_control ids `domain-task` (`hopper-stand`, `ball_in_cup-catch`),
-    shimmy-style ids `dm_control/domain-task-v0`, any registered gymnasium id, and
-    `module:EnvId-v0` (gymnasium's form for an env registered when `module` is imported).
-    """
-    if ":" in env_id:  # gymnasium's "module:EnvId-v0": import the module that registers the env
+@functools.lru_cache(maxsize=None)
+def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
+    """Accepted: `domain-task` (`hopper-stand`), `dm_control/domain-task-v0`, any registered
+    gymnasium id, and `module:EnvId-v0` (an env registered when `module` is imported)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown --env-backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    name = env_id
+    if ":" in env_id:
         module, name = env_id.split(":", 1)
         try:
             importlib.import_module(module)
@@ -70,306 +72,213 @@ def resolve_env_id(env_id: str) -> tuple[str, str | tuple[str, str]]:
             raise UsageError(f"--env-id {env_id!r}: cannot import module {module!r} ({err})") from None
         if name not in gym.registry:
             raise UsageError(f"--env-id {env_id!r}: importing {module!r} did not register {name!r}")
-        return "gym", name
-    if env_id in gym.registry:  # checked first: gymnasium ids need no dm_control import
-        return "gym", env_id
-    tasks = _dmc_tasks()
-    name = env_id
-    if name.startswith("dm_control/"):
-        name = name[len("dm_control/") :]
-        if name.endswith("-v0"):
-            name = name[: -len("-v0")]
-    if "-" in name:
-        domain, task = name.split("-", 1)
-        if (domain, task) in tasks:
-            return "dmc", (domain, task)
-    known = [f"{d}-{t}" for d, t in tasks] + [k for k in gym.registry if "/" not in k]
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UsageError(
-        f"unknown --env-id {env_id!r}: use a dm_control 'domain-task' id (e.g. hopper-stand), "
-        f"'dm_control/domain-task-v0', or a registered gymnasium id{hint}"
-    )
+    if name in gym.registry:
+        spec = EnvSpec(env_id, "gym", name)
+        env = gym.make(name)
+        space = env.action_space
+        env.close()
+        if not isinstance(space, gym.spaces.Box):
+            raise UsageError(f"--env-id {env_id!r} has a {type(space).__name__} action space; GoRL needs a "
+                             "continuous (Box) action space")
+        if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+            raise UsageError(f"--env-id {env_id!r} has unbounded actions; GoRL needs finite Box bounds")
+        return spec
+    from dm_control import suite
+
+    name = re.sub(r"^dm_control/(.*?)(-v0)?$", r"\1", name)
+    domain, _, task = name.partition("-")
+    if (domain, task) not in suite.ALL_TASKS:
+        known = [f"{d}-{t}" for d, t in suite.ALL_TASKS] + [k for k in gym.registry if "/" not in k]
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        raise UsageError(f"unknown --env-id {env_id!r}: use a dm_control 'domain-task' id (e.g. hopper-stand), "
+                         f"'dm_control/domain-task-v0', or a registered gymnasium id"
+                         + (f"; did you mean {', '.join(close)}?" if close else ""))
+    import envpool
+
+    pool_id = "".join(part.capitalize() for part in f"{domain}_{task}".split("_")) + "-v1"
+    pool_id = pool_id if pool_id in envpool.list_all_envs() else None
+    if backend == "envpool" and pool_id is None:
+        raise UsageError(f"--env-backend envpool does not implement {env_id!r}; use --env-backend dm_control")
+    if backend == "auto":
+        backend = "envpool" if pool_id and domain not in ENVPOOL_MISMATCHED_DOMAINS else "dm_control"
+    return EnvSpec(env_id, backend, (domain, task), pool_id if backend == "envpool" else None)
 
 
 class DMCEnv(gym.Env):
-    """A dm_control suite task as a gymnasium env, written by hand because it runs at the raw
-    simulator rate (shimmy's wrapper costs ~25% and needs explicit registration in gymnasium 1.x).
-
-    Observations are the task's observation dict flattened to float32. The time limit is reported
-    as truncation; `terminated` is True only when dm_control signals a terminal state (discount 0).
-    """
+    """A dm_control suite task as a gymnasium env, observations flattened to float32, the time limit
+    reported as truncation (written by hand: it runs at the raw simulator rate)."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
-    def __init__(self, domain: str, task: str, seed: int | None = None, render_size: int = 240):
+    def __init__(self, domain: str, task: str, seed: Optional[int] = None):
         from dm_control import suite
 
         self._env = suite.load(domain, task, task_kwargs={"random": seed})
         spec = self._env.action_spec()
+        self.keys = list(self._env.observation_spec())
         obs_dim = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-        self.action_space = gym.spaces.Box(
-            spec.minimum.astype(np.float32), spec.maximum.astype(np.float32), dtype=np.float32
-        )
+        self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
         self.render_mode = "rgb_array"
-        self._render_size = render_size
 
-    def observation_spec_keys(self):
-        return self._env.observation_spec().keys()
-
-    @staticmethod
-    def _flat(observation) -> np.ndarray:
-        return np.concatenate([np.asarray(v, dtype=np.float32).ravel() for v in observation.values()])
-
-    def reset(self, *, seed: int | None = None, options=None):
+    def reset(self, *, seed=None, options=None):
         if seed is not None:
             self._env.task.random.seed(seed)
-        timestep = self._env.reset()
-        return self._flat(timestep.observation), {}
+        return flatten(self._env.reset().observation, self.keys), {}
 
     def step(self, action):
-        timestep = self._env.step(action)
-        last = timestep.last()
-        terminated = bool(last and timestep.discount == 0.0)
-        truncated = bool(last and not terminated)
-        return self._flat(timestep.observation), float(timestep.reward or 0.0), terminated, truncated, {}
+        ts = self._env.step(action)
+        terminated = bool(ts.last() and ts.discount == 0.0)  # only a terminal state; a time limit truncates
+        return flatten(ts.observation, self.keys), float(ts.reward or 0.0), terminated, ts.last() and not terminated, {}
 
     def render(self):
-        return self._env.physics.render(self._render_size, self._render_size, camera_id=0)
+        return self._env.physics.render(240, 240, camera_id=0)
 
 
-def make_env(env_id: str, seed: int) -> Callable[[], gym.Env]:
-    """Thunk for one environment whose action space is Box(-1, 1): the policy's tanh output is
-    mapped affinely onto the env's own bounds."""
-    kind, spec = resolve_env_id(env_id)
-
-    def thunk() -> gym.Env:
-        if kind == "dmc":
-            env: gym.Env = DMCEnv(*spec, seed=seed)
-        else:
-            env = gym.make(spec, render_mode="rgb_array")
-            if not isinstance(env.action_space, gym.spaces.Box):
-                raise UsageError(
-                    f"--env-id {env_id!r} has a {type(env.action_space).__name__} action space; "
-                    "GoRL needs a continuous (Box) action space"
-                )
-            env = gym.wrappers.FlattenObservation(env)
-            env = gym.wrappers.DtypeObservation(env, np.float32)
-        low, high = env.action_space.low, env.action_space.high
-        if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
-            raise UsageError(f"--env-id {env_id!r} has unbounded actions; GoRL needs finite Box bounds")
-        if not (np.all(low == -1.0) and np.all(high == 1.0)):
-            env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
-        env.reset(seed=seed)
-        env.action_space.seed(seed)
-        return env
-
-    return thunk
+def flatten(obs: dict, keys: list[str], batch: Optional[int] = None) -> np.ndarray:
+    """dm_control's observation dict as one float32 vector, or `batch` of them, in the task's key order."""
+    shape = (-1,) if batch is None else (batch, -1)
+    return np.concatenate([np.asarray(obs[k], np.float32).reshape(shape) for k in keys], axis=-1)
 
 
-ENV_BACKENDS = ("auto", "envpool", "dm_control")
-# envpool's C++ finger differs from dm_control's (benchmarks/backend_parity.py: the spinner's hinge
-# velocity spreads 0.65-0.74x as wide, random finger-spin pays 0.06 vs 0.50), so `auto` avoids it.
-ENVPOOL_MISMATCHED_DOMAINS = ("finger",)
-
-
-def envpool_task_id(env_id: str) -> str | None:
-    """envpool's name for a dm_control task (`finger-turn_hard` -> `FingerTurnHard-v1`), or None
-    when the id is not a dm_control task or envpool does not implement it."""
-    kind, spec = resolve_env_id(env_id)
-    if kind != "dmc":
-        return None
-    import envpool
-
-    name = "".join(part.capitalize() for part in "_".join(spec).split("_")) + "-v1"
-    return name if name in envpool.list_all_envs() else None
-
-
-def resolve_backend(env_id: str, backend: str) -> str:
-    if backend not in ENV_BACKENDS:
-        raise UsageError(f"unknown --env-backend {backend!r}; allowed: {', '.join(ENV_BACKENDS)}")
-    has_envpool = envpool_task_id(env_id) is not None
-    if backend == "envpool" and not has_envpool:
-        raise UsageError(f"--env-backend envpool does not implement {env_id!r}; use --env-backend dm_control")
-    if backend == "auto":
-        if not has_envpool:
-            return "dm_control"
-        domain = resolve_env_id(env_id)[1][0]  # has_envpool implies a dm_control (domain, task)
-        return "dm_control" if domain in ENVPOOL_MISMATCHED_DOMAINS else "envpool"
-    return backend
+def make_env(spec: EnvSpec, seed: int) -> gym.Env:
+    """One env with actions in [-1, 1] (the tanh output is mapped affinely onto the env's bounds)."""
+    if spec.backend == "gym":
+        env = gym.make(spec.name, render_mode="rgb_array")
+        env = gym.wrappers.DtypeObservation(gym.wrappers.FlattenObservation(env), np.float32)
+    else:
+        env = DMCEnv(*spec.name, seed=seed)
+    if not (np.all(env.action_space.low == -1.0) and np.all(env.action_space.high == 1.0)):
+        env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
+    env.reset(seed=seed)
+    env.action_space.seed(seed)
+    return env
 
 
 class EpisodeLog:
-    """Enough to rebuild every env's exact state: how often each env was reset, and the actions it
-    took since its last reset (at most one episode). Reset randomness comes from each env's own
-    RNG, which advances once per reset, so replaying the resets and then the actions into freshly
-    built envs reproduces the simulator state bit for bit. This is how --resume continues episodes
-    mid-way: envpool cannot save its state, and pickling MuJoCo is not portable."""
+    """Per-env episode bookkeeping: the running return and length (for the episodic logs), and enough
+    to rebuild every env's exact state on --resume: how often each env was reset and the actions
+    it took since. Each env's reset randomness advances once per reset, so replaying the resets and
+    then the actions into fresh envs reproduces the simulator bit for bit (envpool cannot save its
+    state, and pickling MuJoCo is not portable)."""
 
     def __init__(self, num_envs: int):
-        self.resets = np.zeros(num_envs, np.int64)
-        self.start = np.zeros(num_envs, np.int64)  # index into history where env i's episode began
+        self.resets, self.start = np.zeros(num_envs, np.int64), np.zeros(num_envs, np.int64)
         self.history: list[np.ndarray] = []  # one (num_envs, act_dim) array per vector step
+        self.ret, self.length, self.step_seconds = np.zeros(num_envs), np.zeros(num_envs, np.int64), 0.0
+
+    def on_step(self, actions: np.ndarray, reward: np.ndarray, done: np.ndarray, infos: dict) -> None:
+        self.history.append(np.array(actions, copy=True))
+        self.ret, self.length = self.ret + reward, self.length + 1
+        if done.any():
+            ids = np.flatnonzero(done)
+            infos["episodes"] = (ids, self.ret[ids], self.length[ids])
+            self.ret, self.length = self.ret * ~done, self.length * ~done
+            self.on_reset(np.flatnonzero(done))
 
     def on_reset(self, ids) -> None:
         self.resets[ids] += 1
         self.start[ids] = len(self.history)
         drop = int(self.start.min())  # steps no running episode needs any more
-        if drop:
-            del self.history[:drop]
-            self.start -= drop
-
-    def on_step(self, actions: np.ndarray) -> None:
-        self.history.append(np.array(actions, copy=True))
+        del self.history[:drop]
+        self.start -= drop
 
     def state_dict(self) -> dict:
-        return {"resets": self.resets.copy(), "start": self.start.copy(), "history": list(self.history)}
+        return {k: (lambda v: list(v) if isinstance(v, list) else np.copy(v) if isinstance(v, np.ndarray) else v)(
+            getattr(self, k)) for k in ("resets", "start", "history", "ret", "length", "step_seconds")}
 
     def load_state_dict(self, state: dict) -> None:
-        self.resets[:], self.start[:], self.history = state["resets"], state["start"], list(state["history"])
+        for k, v in state.items():
+            setattr(self, k, v.copy() if isinstance(v, (np.ndarray, list)) else v)
 
-    @staticmethod
-    def replay_plan(state: dict):
-        """Yields ('reset', ids) and then ('step', ids, actions (len(ids), act_dim)) in replay order."""
-        resets, start, history = state["resets"], state["start"], state["history"]
-        for k in range(1, int(resets.max())):
-            yield "reset", np.flatnonzero(resets > k)
-        for j in range(int(start.min()), len(history)):
-            ids = np.flatnonzero(start <= j)
-            yield "step", ids, history[j][ids]
+    def replay_plan(self):
+        """('reset', ids) and then ('step', ids, actions (len(ids), act_dim)), in replay order."""
+        for k in range(1, int(self.resets.max())):
+            yield "reset", np.flatnonzero(self.resets > k), None
+        for j in range(int(self.start.min()), len(self.history)):
+            ids = np.flatnonzero(self.start <= j)
+            yield "step", ids, self.history[j][ids]
 
 
-class EnvPoolVectorEnv:
-    """envpool's C++ implementation of a dm_control task (2-3x the step rate of the Python suite
-    here, README "Why these choices"), presented like gymnasium's SyncVectorEnv in SAME_STEP
-    autoreset mode: a finished episode's last observation is in infos["final_obs"] and the
-    returned observation is already the next episode's first one."""
+class VectorEnv:
+    """`num_envs` envs stepped in this process, in gymnasium's SAME_STEP autoreset mode: a finished
+    episode's last observation is in infos["final_obs"] (dense, (num_envs, obs_dim)) and the returned
+    observation is already the next episode's first. dm_control tasks run on envpool's C++ port
+    (2-3x the Python suite's rate) where `spec` says so, everything else on gymnasium's SyncVectorEnv."""
 
-    def __init__(self, env_id: str, num_envs: int, seed: int, num_threads: int = 1):
-        import envpool
+    def __init__(self, spec: EnvSpec, num_envs: int, seed: int, threads: int = 1):
+        self.spec, self.num_envs, self.seed = spec, num_envs, seed
+        if spec.backend == "envpool":
+            import envpool
 
-        domain, task = resolve_env_id(env_id)[1]
-        self.num_envs = num_envs
-        self._pool = envpool.make_gymnasium(
-            envpool_task_id(env_id), num_envs=num_envs, seed=seed, num_threads=num_threads
-        )
-        # Flatten the observation dict in dm_control's own key order, as DMCEnv does.
-        self._keys = list(DMCEnv(domain, task).observation_spec_keys())
-        obs_dim = sum(int(np.prod(self._pool.observation_space[k].shape)) for k in self._keys)
+            self.pool = envpool.make_gymnasium(spec.envpool_id, num_envs=num_envs, seed=seed, num_threads=threads)
+            self.keys = DMCEnv(*spec.name).keys
+            obs_dim = sum(int(np.prod(self.pool.observation_space[k].shape)) for k in self.keys)
+            act_shape = self.pool.action_space.shape
+        else:
+            self.envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(spec, seed + i) for i in range(num_envs)],
+                                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+            obs_dim, act_shape = self.envs.single_observation_space.shape[0], self.envs.single_action_space.shape
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-        self.single_action_space = gym.spaces.Box(-1.0, 1.0, self._pool.action_space.shape, np.float32)
-        self.episode_log = EpisodeLog(num_envs)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, act_shape, np.float32)
+        self.log = EpisodeLog(num_envs)
 
-    def _flat(self, obs: dict) -> np.ndarray:
-        n = len(obs[self._keys[0]])
-        return np.concatenate([np.asarray(obs[k], np.float32).reshape(n, -1) for k in self._keys], axis=1)
-
-    def reset(self, seed: int | None = None):
-        # envpool seeds env i with `seed + i` at construction; `seed` here is accepted for API parity.
-        obs, _ = self._pool.reset()
-        self.episode_log = EpisodeLog(self.num_envs)
-        self.episode_log.on_reset(np.arange(self.num_envs))
-        return self._flat(obs), {}
+    def reset(self, seed=None):
+        self.log = EpisodeLog(self.num_envs)
+        self.log.on_reset(np.arange(self.num_envs))
+        if hasattr(self, "pool"):  # envpool seeds env i with seed + i at construction
+            return flatten(self.pool.reset()[0], self.keys, self.num_envs), {}
+        return np.array(self.envs.reset(seed=self.seed)[0]), {}
 
     def step(self, actions: np.ndarray):
-        self.episode_log.on_step(actions)
-        obs, reward, terminated, truncated, _ = self._pool.step(np.asarray(actions, np.float64))
-        obs = self._flat(obs)
-        infos: dict = {}
-        done = np.logical_or(terminated, truncated)
-        if done.any():
-            ids = np.flatnonzero(done).astype(np.int32)
-            infos["final_obs"] = np.where(done[:, None], obs, 0.0)  # rows of finished envs only
-            infos["_final_obs"] = done
-            first_obs, _ = self._pool.reset(ids)
-            obs[ids] = self._flat(first_obs)
-            self.episode_log.on_reset(ids)
-        return obs, reward.astype(np.float64), terminated.astype(bool), truncated.astype(bool), infos
+        start = time.perf_counter()
+        if hasattr(self, "pool"):
+            obs, reward, terminated, truncated, _ = self.pool.step(np.asarray(actions, np.float64))
+            obs, done, infos = flatten(obs, self.keys, self.num_envs), terminated | truncated, {}
+            if done.any():
+                ids = np.flatnonzero(done).astype(np.int32)
+                infos["final_obs"] = np.where(done[:, None], obs, 0.0)
+                obs[ids] = flatten(self.pool.reset(ids)[0], self.keys, len(ids))
+            reward, terminated, truncated = reward.astype(np.float64), terminated.astype(bool), truncated.astype(bool)
+        else:
+            obs, reward, terminated, truncated, infos = self.envs.step(actions)
+            done = terminated | truncated
+            if done.any():
+                final = np.zeros_like(obs)
+                final[done] = np.stack(infos["final_obs"][done])
+                infos = {"final_obs": final}
+        self.log.step_seconds += time.perf_counter() - start
+        self.log.on_step(actions, reward, done, infos)
+        return obs, reward, terminated, truncated, infos
 
     def state_dict(self) -> dict:
-        return self.episode_log.state_dict()
+        return self.log.state_dict()
 
     def load_state_dict(self, state: dict) -> np.ndarray:
         """Bring freshly built envs to the saved state (EpisodeLog); returns the current observations."""
         obs, _ = self.reset()
-        for kind, ids, *actions in EpisodeLog.replay_plan(state):
-            ids = ids.astype(np.int32)
-            if kind == "reset":
-                new, _ = self._pool.reset(ids)
-            else:
-                new, *_ = self._pool.step(np.asarray(actions[0], np.float64), ids)
-            obs[ids] = self._flat(new)
-        self.episode_log.load_state_dict(state)
+        self.log.load_state_dict(state)
+        for kind, ids, actions in self.log.replay_plan():
+            if hasattr(self, "pool"):
+                new = self.pool.reset(ids.astype(np.int32))[0] if kind == "reset" else \
+                    self.pool.step(np.asarray(actions, np.float64), ids.astype(np.int32))[0]
+                obs[ids] = flatten(new, self.keys, len(ids))
+            for n, i in enumerate([] if hasattr(self, "pool") else ids):
+                obs[i] = self.envs.envs[i].reset()[0] if kind == "reset" else self.envs.envs[i].step(actions[n])[0]
         return obs
 
     def close(self) -> None:
-        self._pool.close()
+        (self.pool if hasattr(self, "pool") else self.envs).close()
 
 
-class SyncVectorEnv(gym.vector.SyncVectorEnv):
-    """gymnasium's SyncVectorEnv in SAME_STEP mode, with infos["final_obs"] as a dense
-    (num_envs, obs_dim) float32 array like EnvPoolVectorEnv's (gymnasium gives an object array)."""
-
-    def __init__(self, env_fns):
-        super().__init__(env_fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-        self.episode_log = EpisodeLog(self.num_envs)
-        self._seed = None
-
-    def reset(self, *, seed=None, options=None):
-        self._seed = seed
-        self.episode_log = EpisodeLog(self.num_envs)
-        self.episode_log.on_reset(np.arange(self.num_envs))
-        return super().reset(seed=seed, options=options)
-
-    def step(self, actions):
-        self.episode_log.on_step(actions)
-        obs, reward, terminated, truncated, infos = super().step(actions)
-        if "final_obs" in infos:
-            done = infos["_final_obs"]
-            dense = np.zeros_like(obs)
-            dense[done] = np.stack(infos["final_obs"][done])
-            infos["final_obs"] = dense
-            self.episode_log.on_reset(np.flatnonzero(done))
-        return obs, reward, terminated, truncated, infos
-
-    def state_dict(self) -> dict:
-        return {**self.episode_log.state_dict(), "seed": self._seed}
-
-    def load_state_dict(self, state: dict) -> np.ndarray:
-        """Bring freshly built envs to the saved state (EpisodeLog); returns the current observations."""
-        obs, _ = self.reset(seed=state["seed"])
-        obs = np.array(obs)
-        for kind, ids, *actions in EpisodeLog.replay_plan(state):
-            for n, i in enumerate(ids):
-                obs[i] = self.envs[i].reset()[0] if kind == "reset" else self.envs[i].step(actions[0][n])[0]
-        self.episode_log.load_state_dict(state)
-        return obs
-
-
-def make_vector_env(env_id: str, num_envs: int, seed: int, backend: str = "auto", threads: int = 1):
-    """`num_envs` envs stepped in this process, with SAME_STEP autoreset semantics (the true last
-    observation of a finished episode is in infos["final_obs"], which the value bootstrap needs).
-    dm_control tasks run on envpool where it has them; everything else on gymnasium's
-    SyncVectorEnv, which beat AsyncVectorEnv at every size on 2 cores (README). `threads` is the
-    number of simulator threads of the envpool backend."""
-    if resolve_backend(env_id, backend) == "envpool":
-        return EnvPoolVectorEnv(env_id, num_envs, seed, threads)
-    return SyncVectorEnv([make_env(env_id, seed + i) for i in range(num_envs)])
-
-
-# ----------------------------------------------------------------------------------------------
-# Observation statistics
-# ----------------------------------------------------------------------------------------------
+# ---- observation statistics ----
 
 
 class RunningMeanStd:
     """Exact running mean/variance over all observations seen (parallel Chan et al. update)."""
 
     def __init__(self, shape: tuple[int, ...], clip: float = 10.0, eps: float = 1e-8):
-        self.mean = np.zeros(shape, np.float64)
-        self.var = np.ones(shape, np.float64)
-        self.count = 0.0
+        self.mean, self.var, self.count = np.zeros(shape, np.float64), np.ones(shape, np.float64), 0.0
         self.clip, self.eps = clip, eps
 
     def update(self, x: np.ndarray) -> None:
@@ -378,13 +287,10 @@ class RunningMeanStd:
         total = self.count + n
         delta = batch_mean - self.mean
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
-        self.mean = self.mean + delta * n / total
-        self.var = m2 / total
-        self.count = total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
 
     def normalize(self, x: np.ndarray) -> np.ndarray:
-        y = (x - self.mean) / np.sqrt(self.var + self.eps)
-        return np.clip(y, -self.clip, self.clip).astype(np.float32)
+        return np.clip((x - self.mean) / np.sqrt(self.var + self.eps), -self.clip, self.clip).astype(np.float32)
 
     def state_dict(self) -> dict:
         return {"mean": self.mean.copy(), "var": self.var.copy(), "count": self.count}
@@ -398,28 +304,17 @@ class RunningMeanStd:
         return other
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
+# ---- evaluation and videos ----
 
 
-def evaluate(
-    env_id: str,
-    act: Callable[[np.ndarray], np.ndarray],
-    num_episodes: int,
-    seed: int,
-    backend: str = "auto",
-) -> np.ndarray:
-    """The first episode of each of `num_episodes` fresh eval envs (env i seeded `seed + i`), all
-    stepped as one batch so the policy and its decoder run batched. Fresh envs with fixed seeds
-    make two calls with the same policy give identical returns, so evaluations just before and
-    after a stage boundary are paired (spec section 7). `act` maps raw observations
-    (B, obs_dim) to actions in [-1, 1] (B, act_dim) and must use frozen observation statistics.
-    Returns the undiscounted episode returns, shape (num_episodes,)."""
-    envs = make_vector_env(env_id, num_episodes, seed, backend)
-    obs, _ = envs.reset(seed=seed)
-    returns = np.zeros(num_episodes)
-    active = np.ones(num_episodes, bool)
+def evaluate(spec: EnvSpec, act: Callable[[np.ndarray], np.ndarray], num_episodes: int, seed: int) -> np.ndarray:
+    """Undiscounted return of the first episode of `num_episodes` fresh envs (env i seeded seed + i),
+    stepped as one batch. Fixed seeds pair evaluations: the same policy gives the same returns, so the
+    evaluations just before and after a stage boundary compare like with like. `act` maps raw
+    observations (B, obs_dim) to actions in [-1, 1] (B, act_dim)."""
+    envs = VectorEnv(spec, num_episodes, seed)
+    obs, _ = envs.reset()
+    returns, active = np.zeros(num_episodes), np.ones(num_episodes, bool)
     while active.any():
         obs, reward, terminated, truncated, _ = envs.step(act(obs))
         returns += reward * active
@@ -428,163 +323,54 @@ def evaluate(
     return returns
 
 
-def record_video(env_id: str, act: Callable[[np.ndarray], np.ndarray], seed: int, path: str) -> float:
-    """Render one episode to an mp4 with dm_control's own simulator (envpool does not render).
-    Needs a headless GL backend: MUJOCO_GL=egl or osmesa (README). Returns the episode return."""
-    env = make_env(env_id, seed)()
+def record_video(spec: EnvSpec, act: Callable, seed: int, path: str) -> float:
+    """One episode rendered by the Python simulator (envpool does not render) to an mp4; its return."""
+    import imageio.v2 as imageio
+
+    env = make_env(spec, seed)
     obs, _ = env.reset(seed=seed)
     frames, total, done = [], 0.0, False
     while not done:
         frames.append(env.render())
         obs, reward, terminated, truncated, _ = env.step(act(obs[None])[0])
-        total += reward
-        done = terminated or truncated
-    write_video(path, frames)
+        total, done = total + reward, terminated or truncated
     env.close()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    imageio.mimsave(path, frames, fps=50, macro_block_size=1)
     return total
 
 
-def check_render(env_id: str) -> None:
-    """Render one frame now, so a missing GL library fails before training with one line."""
-    env = make_env(env_id, seed=0)()
+def check_render(spec: EnvSpec) -> None:
+    """Render one frame now, so a missing GL library fails before training, with one line."""
+    env = make_env(spec, seed=0)
     try:
-        frame = env.render()
-        if frame is None:
+        if env.render() is None:
             raise RuntimeError("render() returned no frame")
     except Exception as err:
         raise UsageError(
-            f"--capture-video: rendering {env_id!r} failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); install libegl1 (MUJOCO_GL=egl) "
-            "or libosmesa6 (MUJOCO_GL=osmesa)") from None
+            f"--capture-video: rendering {spec.env_id!r} failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); install libegl1 "
+            "(MUJOCO_GL=egl) or libosmesa6 (MUJOCO_GL=osmesa)") from None
     finally:
         env.close()
 
 
-def write_video(path: str, frames: list[np.ndarray], fps: int = 50) -> None:
-    import imageio.v2 as imageio
+# ---- the run lifecycle ----
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    imageio.mimsave(path, frames, fps=fps, macro_block_size=1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directory, logging, checkpoints
-# ----------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int, torch_deterministic: bool = True) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = torch_deterministic
-
-
-def rng_state() -> dict:
-    """Every global RNG a run draws from, for checkpoints (resume continues the same random stream)."""
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# episode_returns: every eval episode's return, space-separated in eval-env order (env i seeded
-# seed + i), so per-episode analyses (success counts, rliable over episodes) need no rerun.
 EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag", "episode_returns"]
+MAY_BE_ZERO = ("seed", "eval_seed", "decoder_fresh_steps", "learning_starts")  # every other count must be > 0
 
 
-class RunLogger:
-    """`run_dir/`: tensorboard events (mirrored to wandb with --track) and eval.csv.
-
-    On resume, `resume` = {"global_step", "eval_rows", "wall_time_s"} from the checkpoint: eval.csv is
-    cut back to the rows the checkpoint had seen and tensorboard drops the interrupted run's events
-    after `global_step` (SummaryWriter's purge_step), so nothing is duplicated; wall time continues.
-    """
-
-    def __init__(self, run_dir: str, args, track: bool, project: str, entity: str | None,
-                 resume: dict | None = None):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.run_dir = run_dir
-        os.makedirs(self.run_dir, exist_ok=True)
-        self.csv_path = os.path.join(self.run_dir, "eval.csv")
-        self.eval_rows = 0
-        if resume is not None:
-            self.eval_rows = resume["eval_rows"]
-            with open(self.csv_path, newline="") as f:
-                kept = f.readlines()[: 1 + self.eval_rows]
-            with open(self.csv_path + ".tmp", "w", newline="") as f:
-                f.writelines(kept)
-            os.replace(self.csv_path + ".tmp", self.csv_path)
-        self.wandb = None
-        if track:
-            self.wandb = _init_wandb(os.path.basename(os.path.normpath(run_dir)), args, project, entity, run_dir)
-        # Events at the checkpoint's own step were logged before it was written, so purge from the next
-        # step on. (A hard crash inside a decoder refit, after its boundary scalars were logged but before
-        # the checkpoint that follows it, would leave those few scalars twice.)
-        self.writer = SummaryWriter(self.run_dir, purge_step=resume["global_step"] + 1 if resume else None)
-        if resume is None:
-            self.writer.add_text(
-                "hyperparameters",
-                "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in sorted(vars(args).items())),
-            )
-        new = not os.path.exists(self.csv_path)
-        self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv = csv.writer(self._csv_file, lineterminator="\n")
-        if new:
-            self._csv.writerow(EVAL_COLUMNS)
-            self._csv_file.flush()
-        self.start_time = time.time() - (resume["wall_time_s"] if resume else 0.0)
-
-    def wall_time(self) -> float:
-        """Seconds of training so far, across interruptions."""
-        return time.time() - self.start_time
-
-    def scalar(self, name: str, value: float, step: int) -> None:
-        self.writer.add_scalar(name, float(value), step)
-
-    def eval_row(self, global_step: int, stage: int, returns: np.ndarray, tag: str = "periodic") -> None:
-        """tag: 'periodic', 'boundary_before', 'boundary_after' or 'final'."""
-        self._csv.writerow([global_step, stage, f"{returns.mean():.4f}", f"{returns.std():.4f}",
-                            f"{self.wall_time():.1f}", tag, " ".join(f"{r:.4f}" for r in returns)])
-        self._csv_file.flush()
-        self.eval_rows += 1
-
-    def resume_state(self, global_step: int) -> dict:
-        return {"global_step": global_step, "eval_rows": self.eval_rows, "wall_time_s": self.wall_time()}
-
-    def close(self) -> None:
-        self.writer.close()
-        self._csv_file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-def _init_wandb(run_name, args, project, entity, run_dir):
-    """wandb must never hang a run without network: a short init timeout, then offline mode."""
-    import wandb
-
-    # The run id is derived from the run name, so a resumed run continues the same wandb run.
-    kwargs = dict(project=project, entity=entity, name=run_name, config=vars(args), dir=run_dir,
-                  sync_tensorboard=True, save_code=True, id=re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[-64:],
-                  resume="allow")
-    try:
-        return wandb.init(settings=wandb.Settings(init_timeout=30), **kwargs)
-    except Exception as err:  # no network / no login: keep the run, log locally
-        print(f"wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
-        return wandb.init(mode="offline", **kwargs)
-
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+def stage_ends(budget: int, num_stages: int, fractions: tuple[float, ...]) -> list[int]:
+    """Where each stage ends in a budget of env steps or iterations: by --stage-fractions, or stage 0
+    takes 2/3 and the later stages share the rest equally (few, late boundaries; README, details)."""
+    if fractions:
+        f = np.asarray(fractions, dtype=np.float64)
+    elif num_stages == 1:
+        f = np.ones(1)
+    else:
+        f = np.asarray([2 / 3] + [(1.0 - 2 / 3) / (num_stages - 1)] * (num_stages - 1))
+    return [int(x) for x in np.round(np.cumsum(f) / f.sum() * budget)]
 
 
 def load_checkpoint(path: str, script: str) -> dict:
@@ -601,71 +387,358 @@ def load_checkpoint(path: str, script: str) -> dict:
     return payload
 
 
-def load_resume(run_dir: str, script: str) -> dict:
-    """The checkpoint --resume continues from, with one-line errors for every way it can be wrong."""
-    if not os.path.isdir(run_dir):
-        raise UsageError(f"--resume {run_dir!r}: no such run directory")
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.isfile(path):
-        raise UsageError(f"--resume {run_dir!r}: it holds no checkpoint.pt (the run saved none)")
-    ckpt = load_checkpoint(path, script)
-    if ckpt.get("finished"):
-        raise UsageError(f"--resume {run_dir!r}: the run already finished ({ckpt['global_step']} env steps)")
-    return ckpt
+def _state(part):
+    """What a checkpoint keeps of one named part of the run."""
+    if isinstance(part, np.random.Generator):
+        return part.bit_generator.state
+    if isinstance(part, torch.Tensor):
+        return part.detach().clone()
+    return list(part) if isinstance(part, collections.deque) else part.state_dict()
 
 
-class Interrupt:
-    """Ctrl-C and SIGTERM. The first one only records the signal: the training loop finishes the
-    current update, writes a checkpoint and exits with 128 + signal (130, 143). A second Ctrl-C
-    aborts at once without saving."""
+def _load(part, state) -> None:
+    if isinstance(part, np.random.Generator):
+        part.bit_generator.state = state
+    elif isinstance(part, torch.Tensor):
+        with torch.no_grad():
+            part.copy_(state)
+    elif isinstance(part, collections.deque):
+        part.extend(state)
+    else:
+        part.load_state_dict(state)
 
-    def __init__(self):
-        self.signum: int | None = None
+
+class Run:
+    """Everything around the algorithm, so a script holds only GoRL: the command line (--resume,
+    --eval-only, validation with one-line errors), the run directory (tensorboard, eval.csv,
+    checkpoint.pt), and, between iterations, evaluation, videos and checkpoints when due, Ctrl-C /
+    SIGTERM (checkpoint, then exit 130 / 143) and the stop on a non-finite value."""
+
+    def __init__(self, args_type, script: str, validate: Callable, build_act: Callable):
+        args, self.script, self.ckpt = tyro.cli(args_type), script, None
+        resume_dir = args.resume
+        try:
+            if args.resume:  # every other flag is ignored: the run continues with the arguments it started with
+                if args.eval_only:
+                    raise UsageError("--resume continues training; evaluate with --eval-only --checkpoint "
+                                     f"{os.path.join(args.resume, 'checkpoint.pt')}")
+                self.ckpt = self._load_resume(args.resume)
+                args = args_type(**{k: v for k, v in self.ckpt["args"].items() if k in args_type.__dataclass_fields__})
+            else:
+                self._validate(args)
+                validate(args)
+            if args.eval_only:
+                self._evaluate_checkpoint(args, args_type, build_act)
+                sys.exit(0)
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        self.args, ckpt = args, self.ckpt
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        torch.set_num_threads(args.torch_threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        self.env = resolve_env(args.env_id, args.env_backend)
+        name = f"{re.sub('[/:]', '_', args.env_id)}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
+        self.run_dir = resume_dir or args.run_dir or os.path.join("runs", name)
+        self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
+        self.global_step, self.stage = (ckpt["global_step"], ckpt["stage"]) if ckpt else (0, 0)
+        state = ckpt["run"] if ckpt else {"due_at": {"eval": 0, "video": args.video_interval,
+                                                     "checkpoint": args.checkpoint_interval},
+                                          "eval_rows": 0, "wall_time_s": 0.0, "seconds": {}}
+        self.due_at, self.eval_rows, self.seconds = state["due_at"], state["eval_rows"], state["seconds"]
+        self.start_time, self.last_eval = time.time() - state["wall_time_s"], float("nan")
+        self._open_logs(resume=ckpt is not None)
+        self.interrupt_signal: Optional[int] = None
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            signal.signal(sig, self._on_signal)
+        from tqdm import tqdm
 
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
+        self.pbar = tqdm(total=args.total_timesteps, initial=self.global_step, unit="step", unit_scale=True,
+                         mininterval=0.5, dynamic_ncols=True, disable=os.environ.get("GORL_NO_PROGRESS") == "1")
+        self.make_act: Callable = lambda seed=None: None  # the script sets it: the composite policy as a function
+
+    # -- start: validation, --eval-only, --resume --
+
+    def _validate(self, args) -> None:
+        for field in dataclasses.fields(args):
+            value = getattr(args, field.name)
+            if type(value) is int and field.name not in MAY_BE_ZERO and value <= 0:
+                raise UsageError(f"--{field.name.replace('_', '-')} must be positive, got {value}")
+        if args.eval_only:
+            if args.checkpoint is None:
+                raise UsageError("--eval-only needs --checkpoint PATH")
+            return
+        if args.eval_stochastic:
+            raise UsageError("--eval-stochastic only applies with --eval-only")
+        if args.run_dir is not None and os.path.exists(args.run_dir):
+            raise UsageError(f"--run-dir {args.run_dir!r} already exists; continue it with --resume {args.run_dir}")
+        if args.stage_fractions and (len(args.stage_fractions) != args.num_stages or min(args.stage_fractions) <= 0):
+            raise UsageError(f"--stage-fractions {' '.join(map(str, args.stage_fractions))} must be {args.num_stages} "
+                             "positive numbers (one per stage)")
+        spec = resolve_env(args.env_id, args.env_backend)  # raises on unknown ids, backends and action spaces
+        if args.capture_video:
+            check_render(spec)
+
+    def _load_resume(self, run_dir: str) -> dict:
+        if not os.path.isdir(run_dir):
+            raise UsageError(f"--resume {run_dir!r}: no such run directory")
+        path = os.path.join(run_dir, "checkpoint.pt")
+        if not os.path.isfile(path):
+            raise UsageError(f"--resume {run_dir!r}: it holds no checkpoint.pt (the run saved none)")
+        ckpt = load_checkpoint(path, self.script)
+        if ckpt.get("finished"):
+            raise UsageError(f"--resume {run_dir!r}: the run already finished ({ckpt['global_step']} env steps)")
+        return ckpt
+
+    def _evaluate_checkpoint(self, args, args_type, build_act) -> None:
+        """--eval-only: the checkpoint's composite policy (and observation statistics) on fresh eval envs."""
+        ckpt = load_checkpoint(args.checkpoint, self.script)
+        saved = args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
+        spec = resolve_env(saved.env_id, saved.env_backend)
+        if args.capture_video:
+            check_render(spec)
+        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+        seed = args.eval_seed if args.eval_stochastic else None
+        returns = evaluate(spec, build_act(ckpt, saved, device, seed), args.eval_episodes, args.eval_seed)
+        mode = "stochastic" if args.eval_stochastic else "deterministic"
+        print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: {mode} "
+              f"return {returns.mean():.4f} +- {returns.std():.4f} over {len(returns)} episodes")
+        if args.capture_video:  # seeded like the first eval episode; dm_control's own simulator renders it
+            path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
+                                f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
+            ret = record_video(spec, build_act(ckpt, saved, device, seed), args.eval_seed, path)
+            print(f"video: {path} (return {ret:.4f})")
+
+    def restore(self, envs: VectorEnv, **parts) -> np.ndarray:
+        """Name what a checkpoint holds (networks, optimisers, statistics, buffers, generators). On
+        --resume, load it all, replay the envs to the saved step and continue the random streams.
+        Returns the envs' current observations."""
+        self.envs, self.parts = envs, parts
+        if self.ckpt is None:
+            print(f"run directory: {self.run_dir}; device {self.device}")
+            return envs.reset()[0]
+        for name, part in parts.items():
+            _load(part, self.ckpt[name])
+        obs = envs.load_state_dict(self.ckpt["envs"])
+        rng = self.ckpt["random_state"]
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        print(f"resuming {self.run_dir} at env step {self.global_step} (stage {self.stage})")
+        return obs
+
+    # -- logs --
+
+    def _open_logs(self, resume: bool) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        csv_path = os.path.join(self.run_dir, "eval.csv")
+        if resume:  # drop rows logged after the checkpoint, so nothing is written twice
+            with open(csv_path, newline="") as f:
+                kept = f.readlines()[: 1 + self.eval_rows]
+            with open(csv_path, "w", newline="") as f:
+                f.writelines(kept)
+        # Events after the checkpoint's step are dropped too (purge_step); those at it were logged before it.
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.global_step + 1 if resume else None)
+        if not resume:
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in sorted(vars(self.args).items())))
+        self.wandb = _init_wandb(self) if self.args.track else None
+        self.csv_file = open(csv_path, "a", newline="")
+        self.csv = csv.writer(self.csv_file, lineterminator="\n")
+        if not resume:
+            self.csv.writerow(EVAL_COLUMNS)
+
+    def wall_time(self) -> float:
+        """Seconds of training so far, across interruptions."""
+        return time.time() - self.start_time
+
+    def log(self, scalars: dict, step: Optional[int] = None) -> None:
+        """Tensorboard scalars at `step` (default: now), plus throughput and the stage."""
+        step = self.global_step if step is None else step
+        wall = self.wall_time()
+        scalars = {**scalars, "charts/stage": self.stage, "charts/SPS": self.global_step / wall,
+                   "charts/env_time_fraction": self.envs.log.step_seconds / wall,
+                   **{f"charts/{k}_time_fraction": v / wall for k, v in self.seconds.items()}}
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, float(value), step)
+
+    def count_env_steps(self, n: int, infos: dict) -> None:
+        """Advance the env-step counter; log episodes that ended in this step at the step they ended."""
+        self.global_step += n
+        for i, ret, length in zip(*infos.get("episodes", ((), (), ()))):
+            self.writer.add_scalar("charts/episodic_return", ret, self.global_step)
+            self.writer.add_scalar("charts/episodic_length", length, self.global_step)
+
+    def timed(self, name: str):
+        """`with run.timed("update"):` adds the block's seconds to charts/update_time_fraction."""
+        run = self
+
+        class Timer:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                run.seconds[name] = run.seconds.get(name, 0.0) + time.perf_counter() - self.start
+
+        return Timer()
+
+    def print(self, message: str) -> None:
+        self.pbar.write(message)
+
+    # -- evaluation, checkpoints and stages --
+
+    def evaluate(self, tag: str) -> np.ndarray:
+        """Deterministic returns of the composite policy on the fixed eval seeds, as an eval.csv row.
+        tag: 'periodic', 'boundary_before', 'boundary_after' or 'final'."""
+        returns = evaluate(self.env, self.make_act(), self.args.eval_episodes, self.args.eval_seed)
+        self.csv.writerow([self.global_step, self.stage, f"{returns.mean():.4f}", f"{returns.std():.4f}",
+                           f"{self.wall_time():.1f}", tag, " ".join(f"{r:.4f}" for r in returns)])
+        self.csv_file.flush()
+        self.eval_rows += 1
+        if tag in ("periodic", "final"):
+            self.log({"eval/return_mean": returns.mean(), "eval/return_std": returns.std()})
+        self.last_eval = returns.mean()
+        return returns
+
+    def video(self, name: str) -> None:
+        if self.args.capture_video:
+            record_video(self.env, self.make_act(), self.args.seed,
+                         os.path.join(self.run_dir, "videos", f"{name}_step{self.global_step}.mp4"))
+
+    def due(self, name: str, interval: int) -> bool:
+        """True once each time the env-step counter passes the next multiple of `interval`."""
+        if self.global_step < self.due_at.setdefault(name, 0):
+            return False
+        self.due_at[name] = (self.global_step // interval + 1) * interval
+        return True
+
+    def tick(self) -> None:
+        """After each iteration: evaluate, film and checkpoint when due; on Ctrl-C / SIGTERM, checkpoint and exit."""
+        self.pbar.update(self.global_step - self.pbar.n)
+        if self.due("eval", self.args.eval_interval):
+            self.evaluate("periodic")
+            self.pbar.set_postfix(stage=f"{self.stage + 1}/{self.args.num_stages}", eval=f"{self.last_eval:.1f}",
+                                  sps=f"{self.global_step / self.wall_time():.0f}")
+        if self.args.capture_video and self.due("video", self.args.video_interval):
+            self.video("train")
+        if self.interrupt_signal is not None:
+            self._exit_interrupted("now" if self.save() else "none")
+        if self.due("checkpoint", self.args.checkpoint_interval):
+            self.save()
+
+    def end_stage(self) -> None:
+        """Checkpoint at the end of Phase 1: the resume point should the refit be interrupted."""
+        self.video(f"stage{self.stage}_end")
+        self.save()
+
+    def start_stage(self, stage: int) -> np.ndarray:
+        """After the refit and the reset: evaluate the new composite policy and checkpoint, so a crash
+        later in the stage does not repeat the refit. Returns the 'boundary_after' returns."""
+        self.stage = stage
+        after = self.evaluate("boundary_after")
+        self.video(f"stage{stage}_start")
+        self.save()
+        return after
+
+    def stop_requested_in_refit(self) -> None:
+        """Called inside the refit: on Ctrl-C / SIGTERM exit; resuming restarts the refit from the stage end."""
+        if self.interrupt_signal is not None:
+            self._exit_interrupted("stage_end" if self.args.save_model else "none")
+
+    def save(self, finished: bool = False) -> bool:
+        """Atomic checkpoint.pt: everything --resume needs, and what --eval-only reads."""
+        if not self.args.save_model:
+            return False
+        payload = {"script": self.script, "args": vars(self.args), "global_step": self.global_step,
+                   "stage": self.stage, "finished": finished, "obs_dim": self.envs.single_observation_space.shape[0],
+                   "act_dim": self.envs.single_action_space.shape[0], "envs": self.envs.state_dict(),
+                   **{name: _state(part) for name, part in self.parts.items()},
+                   "random_state": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                   "run": {"due_at": dict(self.due_at), "eval_rows": self.eval_rows, "wall_time_s": self.wall_time(),
+                           "seconds": dict(self.seconds)}}
+        tmp = self.checkpoint_path + ".tmp"
+        torch.save(payload, tmp)
+        os.replace(tmp, self.checkpoint_path)
+        return True
+
+    def check_finite(self, named: dict) -> None:
+        """Stop at once, naming the first non-finite value; the last checkpoint on disk stays good."""
+        if (name := first_nonfinite(named)) is not None:
+            self.stop_nonfinite(name)
+
+    def stop_nonfinite(self, name: str) -> None:
+        kept = f"the last good checkpoint {self.checkpoint_path} stays" if os.path.exists(self.checkpoint_path) \
+            else "no checkpoint was written yet"
+        print(f"error: non-finite {name} at stage {self.stage}, env step {self.global_step}; stopped ({kept})",
+              file=sys.stderr)
+        self._close()
+        sys.exit(1)
+
+    def finish(self, summary: str = "") -> None:
+        final = self.evaluate("final")
+        self.save(finished=True)
+        wall = self.wall_time()
+        self._close()
+        print(f"final deterministic return {final.mean():.1f} +- {final.std():.1f}; {self.global_step} env steps in "
+              f"{wall:.0f}s ({self.global_step / wall:.0f} steps/s{summary}, env "
+              f"{self.envs.log.step_seconds / wall:.0%} of wall time)")
+
+    # -- signals and closing --
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.interrupt_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        self.interrupt_signal = signum
         print(f"\n{signal.Signals(signum).name}: finishing the current update, then saving a checkpoint "
               "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def exit(self, script: str, run_dir: str, global_step: int, checkpoint: str) -> None:
-        """checkpoint: 'now' (just written), 'stage_end' (interrupted in a refit, which restarts) or
-        'none' (--no-save-model: nothing to resume from)."""
-        name = signal.Signals(self.signum).name
+    def _exit_interrupted(self, checkpoint: str) -> None:
+        """checkpoint: 'now' (just written), 'stage_end' (interrupted in a refit) or 'none' (--no-save-model)."""
+        self._close()
+        name = signal.Signals(self.interrupt_signal).name
         if checkpoint == "none":
-            print(f"interrupted by {name} at env step {global_step}; no checkpoint (--no-save-model)", flush=True)
+            print(f"interrupted by {name} at env step {self.global_step}; no checkpoint (--no-save-model)", flush=True)
         else:
             where = "the checkpoint just written" if checkpoint == "now" else \
                 "the stage-end checkpoint (the decoder refit restarts)"
-            print(f"interrupted by {name} at env step {global_step}; resume from {where} with:\n"
-                  f"    python {script}.py --resume {run_dir}", flush=True)
-        sys.exit(128 + self.signum)
+            print(f"interrupted by {name} at env step {self.global_step}; resume from {where} with:\n"
+                  f"    python {self.script}.py --resume {self.run_dir}", flush=True)
+        sys.exit(128 + self.interrupt_signal)
+
+    def _close(self) -> None:
+        self.pbar.close()
+        self.envs.close()
+        self.writer.close()
+        self.csv_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-def first_nonfinite(named: dict) -> str | None:
-    """The name of the first value that holds a NaN or inf: a tensor/number, or a list of tensors
+def _init_wandb(run: Run):
+    """wandb must never hang a run without network: a short init timeout, then offline mode. The run id
+    comes from the run name, so a resumed run continues the same wandb run."""
+    import wandb
+
+    name = os.path.basename(os.path.normpath(run.run_dir))
+    kwargs = dict(project=run.args.wandb_project_name, entity=run.args.wandb_entity, name=name,
+                  config=vars(run.args), dir=run.run_dir, sync_tensorboard=True, save_code=True,
+                  id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:], resume="allow")
+    try:
+        return wandb.init(settings=wandb.Settings(init_timeout=30), **kwargs)
+    except Exception as err:  # no network / no login: keep the run, log locally
+        print(f"wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
+        return wandb.init(mode="offline", **kwargs)
+
+
+def first_nonfinite(named: dict) -> Optional[str]:
+    """The name of the first value holding a NaN or inf: a tensor/number, or a list of tensors
     (parameters, checked through their norms in one fused call). None when all are finite."""
     values = [torch.stack(torch._foreach_norm([v.detach() for v in value])) if isinstance(value, (list, tuple))
               else torch.as_tensor(value).detach().reshape(-1) for value in named.values()]
-    finite = torch.isfinite(torch.cat([v.float().cpu() for v in values]))
-    if bool(finite.all()):  # one check in the common case; the loop below only runs to name the culprit
+    if bool(torch.isfinite(torch.cat([v.float().cpu() for v in values])).all()):  # the common case: one check
         return None
-    for name, value in zip(named, values):
-        if not bool(torch.isfinite(value).all()):
-            return name
-    return None
-
-
-def progress_bar(total: int, initial: int = 0):
-    from tqdm import tqdm
-
-    # Only redraw twice a second; a plain log line per eval is printed separately.
-    return tqdm(total=total, initial=initial, unit="step", unit_scale=True, mininterval=0.5,
-                dynamic_ncols=True, disable=os.environ.get("GORL_NO_PROGRESS") == "1")
+    return next(name for name, value in zip(named, values) if not bool(torch.isfinite(value).all()))

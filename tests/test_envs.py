@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 import common
 
@@ -11,7 +12,7 @@ import common
     ("finger-turn_hard", 12, 2), ("Pendulum-v1", 3, 1),
 ])
 def test_make_env_accepts_all_id_styles(env_id, obs_dim, act_dim):
-    env = common.make_env(env_id, seed=0)()
+    env = common.make_env(common.resolve_env(env_id), seed=0)
     obs, _ = env.reset(seed=0)
     assert obs.shape == (obs_dim,) and obs.dtype == np.float32
     assert env.action_space.shape == (act_dim,)
@@ -22,13 +23,13 @@ def test_make_env_accepts_all_id_styles(env_id, obs_dim, act_dim):
 
 def test_unknown_env_id_suggests_close_matches():
     with pytest.raises(common.UsageError, match="unknown --env-id 'hopper-stnd'.*hopper-stand"):
-        common.resolve_env_id("hopper-stnd")
+        common.resolve_env("hopper-stnd")
     with pytest.raises(common.UsageError, match="Discrete action space"):
-        common.make_env("CartPole-v1", 0)()
+        common.resolve_env("CartPole-v1")
 
 
 def test_dm_control_time_limit_is_truncation_not_termination():
-    env = common.make_env("cartpole-balance", seed=0)()
+    env = common.make_env(common.resolve_env("cartpole-balance"), seed=0)
     env.reset(seed=0)
     for step in range(1, 1001):
         _, _, terminated, truncated, _ = env.step(np.zeros(1, np.float32))
@@ -40,7 +41,7 @@ def test_dm_control_time_limit_is_truncation_not_termination():
 
 @pytest.mark.parametrize("backend", ["envpool", "dm_control"])
 def test_vector_env_same_step_autoreset(backend):
-    envs = common.make_vector_env("cartpole-balance", num_envs=3, seed=0, backend=backend)
+    envs = common.VectorEnv(common.resolve_env("cartpole-balance", backend), num_envs=3, seed=0)
     obs, _ = envs.reset(seed=0)
     assert obs.shape == (3, 5) and obs.dtype == np.float32
     for step in range(1, 1001):
@@ -56,8 +57,8 @@ def test_vector_env_same_step_autoreset(backend):
 
 
 def test_backends_agree_on_observation_layout():
-    a = common.make_vector_env("hopper-stand", 2, 0, "envpool")
-    b = common.make_vector_env("hopper-stand", 2, 0, "dm_control")
+    a = common.VectorEnv(common.resolve_env("hopper-stand", "envpool"), 2, 0)
+    b = common.VectorEnv(common.resolve_env("hopper-stand", "dm_control"), 2, 0)
     assert a.single_observation_space.shape == b.single_observation_space.shape
     assert a.single_action_space.shape == b.single_action_space.shape
     # touch sensors are the last 2 entries in both layouts and are non-negative
@@ -69,9 +70,9 @@ def test_evaluation_is_paired_by_seed(backend):
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(5, 1))
     act = lambda obs: np.tanh(obs @ weights).astype(np.float32)
-    r1 = common.evaluate("cartpole-balance", act, num_episodes=3, seed=7, backend=backend)
-    r2 = common.evaluate("cartpole-balance", act, num_episodes=3, seed=7, backend=backend)
-    r3 = common.evaluate("cartpole-balance", act, num_episodes=3, seed=8, backend=backend)
+    r1 = common.evaluate(common.resolve_env("cartpole-balance", backend), act, num_episodes=3, seed=7)
+    r2 = common.evaluate(common.resolve_env("cartpole-balance", backend), act, num_episodes=3, seed=7)
+    r3 = common.evaluate(common.resolve_env("cartpole-balance", backend), act, num_episodes=3, seed=8)
     np.testing.assert_array_equal(r1, r2)
     assert not np.array_equal(r1, r3)
 
@@ -84,7 +85,7 @@ def test_checkpoint_errors_are_one_line(tmp_path):
     with pytest.raises(common.UsageError, match="not readable"):
         common.load_checkpoint(str(bad), "gorl_ppo")
     other = tmp_path / "sac.pt"
-    common.save_checkpoint(str(other), {"script": "gorl_sac"})
+    torch.save({"script": "gorl_sac"}, str(other))
     with pytest.raises(common.UsageError, match="written by gorl_sac.py"):
         common.load_checkpoint(str(other), "gorl_ppo")
 
@@ -94,7 +95,7 @@ def test_envpool_threads_do_not_change_results():
     actions = rng.uniform(-1, 1, (50, 4, 6)).astype(np.float32)
     runs = []
     for threads in (1, 2):
-        envs = common.make_vector_env("cheetah-run", 4, seed=5, backend="envpool", threads=threads)
+        envs = common.VectorEnv(common.resolve_env("cheetah-run", "envpool"), 4, seed=5, threads=threads)
         obs = [envs.reset()[0]]
         obs += [envs.step(a)[0] for a in actions]
         runs.append(np.stack(obs))
@@ -104,8 +105,8 @@ def test_envpool_threads_do_not_change_results():
 
 def test_auto_backend_avoids_envpool_where_its_port_differs():
     # envpool's finger tasks differ from the Python suite (benchmarks/backend_parity.py, README)
-    assert common.resolve_backend("finger-spin", "auto") == "dm_control"
-    assert common.resolve_backend("dm_control/finger-turn_hard-v0", "auto") == "dm_control"
-    assert common.resolve_backend("finger-spin", "envpool") == "envpool"  # still reachable on request
-    assert common.resolve_backend("cheetah-run", "auto") == "envpool"
-    assert common.resolve_backend("Pendulum-v1", "auto") == "dm_control"
+    assert common.resolve_env("finger-spin", "auto").backend == "dm_control"
+    assert common.resolve_env("dm_control/finger-turn_hard-v0", "auto").backend == "dm_control"
+    assert common.resolve_env("finger-spin", "envpool").backend == "envpool"  # still reachable on request
+    assert common.resolve_env("cheetah-run", "auto").backend == "envpool"
+    assert common.resolve_env("Pendulum-v1", "auto").backend == "gym"

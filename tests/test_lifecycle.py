@@ -79,7 +79,7 @@ def scalars(run_dir, tag):
 def test_env_replay_rebuilds_the_exact_env_state_across_episode_ends(env_id, backend):
     n, steps, cut = 3, 2300, 2100  # cartpole episodes are 1000 steps, Pendulum's 200: several resets
     actions = np.random.default_rng(0).uniform(-1, 1, (steps, n, 1)).astype(np.float32)
-    envs = common.make_vector_env(env_id, n, 5, backend)
+    envs = common.VectorEnv(common.resolve_env(env_id, backend), n, 5)
     obs, _ = envs.reset(seed=5)
     outcomes = []
     for j in range(steps):
@@ -88,7 +88,7 @@ def test_env_replay_rebuilds_the_exact_env_state_across_episode_ends(env_id, bac
         obs, reward, terminated, truncated, _ = envs.step(actions[j])
         outcomes.append((obs.copy(), reward.copy(), truncated.copy()))
     assert state["resets"].min() >= 3
-    fresh = common.make_vector_env(env_id, n, 5, backend)
+    fresh = common.VectorEnv(common.resolve_env(env_id, backend), n, 5)
     np.testing.assert_array_equal(fresh.load_state_dict(state), obs_at_cut)
     for j in range(cut, steps):
         obs, reward, terminated, truncated, _ = fresh.step(actions[j])

@@ -96,12 +96,11 @@ def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser(
     assert np.array_equal(rms.mean, rms_before["mean"]) and np.array_equal(rms.var, rms_before["var"])
 
 
-def test_stage_iterations_split_the_budget():
-    args = gorl_ppo.Args(num_stages=3, num_iterations=12, first_stage_fraction=0.5)
-    assert gorl_ppo.stage_iterations(args) == [6, 3, 3]
-    assert gorl_ppo.stage_iterations(gorl_ppo.Args(num_stages=1, num_iterations=7)) == [7]
-    args = gorl_ppo.Args(num_stages=2, stage_fractions=(2.0, 1.0), num_iterations=30)
-    assert gorl_ppo.stage_iterations(args) == [20, 10]
+def test_stage_ends_split_the_budget():
+    assert common.stage_ends(12, 3, (2.0, 1.0, 1.0)) == [6, 9, 12]
+    assert common.stage_ends(7, 1, ()) == [7]
+    assert common.stage_ends(30, 2, (2.0, 1.0)) == [20, 30]
+    assert common.stage_ends(30, 3, ()) == [20, 25, 30]  # default: 2/3 for stage 0, the rest split equally
 
 
 def test_running_mean_std_is_exact():

@@ -103,7 +103,7 @@ def test_stage_reset_gives_exact_prior_and_fresh_actor_moments():
     gorl_sac.reset_latent_actor(actor, a_opt)
     mu, sigma = actor(torch.randn(128, 5) * 10)
     assert torch.equal(mu, torch.zeros_like(mu)) and torch.equal(sigma, torch.ones_like(sigma))
-    assert all(p not in a_opt.state for p in actor.head_parameters())
+    assert all(p not in a_opt.state for p in [*actor.mu_head.parameters(), *actor.log_sigma_head.parameters()])
     assert all(p in a_opt.state for p in actor.trunk.parameters())
 
 
@@ -145,7 +145,7 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
     settings: -135.3 before, -137.2 right after the refit, -131.7 at the end)."""
     env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
     args = ["--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000", "--num-stages", "2",
-            "--first-stage-fraction", "0.8", "--hidden", "64", "--batch-size", "128", "--eval-interval", "100000",
+            "--stage-fractions", "4", "1", "--hidden", "64", "--batch-size", "128", "--eval-interval", "100000",
             "--eval-episodes", "5", "--decoder-train-steps", "1500", "--decoder-data-steps", "2000", "--seed", "1",
             "--updates-per-step", "1"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), *args], cwd=tmp_path, env=env,
@@ -157,17 +157,6 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
     assert rows["boundary_before"] > -400, rows
     assert rows["boundary_after"] > -400, rows
     assert rows["final"] > -400, rows
-
-
-def test_decoder_log_volume_matches_brute_force_jacobians():
-    _, _, _, decoder = _nets()
-    obs = torch.randn(4, 5)
-    estimate = gorl_sac.decoder_log_volume(decoder, obs, torch.Generator().manual_seed(3))
-    eps = torch.randn(4, 2, generator=torch.Generator().manual_seed(3))
-    brute = [torch.linalg.slogdet(torch.autograd.functional.jacobian(
-        lambda e: decoder.integrate(obs[i:i + 1], e[None])[0], eps[i])).logabsdet for i in range(4)]
-    assert abs(estimate - torch.stack(brute).mean().item()) < 1e-5
-    assert gorl_sac.decoder_log_volume(gorl_sac.FlowDecoder(5, 2, 16, 2, 10), obs, None) == 0.0  # identity at init
 
 
 def test_split_first_layer_decode_equals_the_plain_euler_loop():
