@@ -244,10 +244,10 @@ def gaussian_log_prob(eps: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) 
 
 def prior_penalty(mu: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample pull toward N(0, I), (B,): the analytic KL(N(mu, sigma^2) || N(0, I)) =
-    0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), or the authors' L2 surrogate."""
+    0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), or the authors' L2 surrogate mean_d(mu^2) + mean_d(sigma^2)."""
     if kind == "kl":
         return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * sigma.log()).sum(-1)
-    return (mu.pow(2) + sigma.pow(2)).sum(-1)
+    return (mu.pow(2) + sigma.pow(2)).mean(-1)
 
 
 def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, lam: float):

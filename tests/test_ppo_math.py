@@ -123,3 +123,9 @@ def test_boundary_diagnostics_draw_nothing_from_the_training_random_stream():
     gorl_ppo.boundary_diagnostics(policy, old, new, rms, torch.randn(64, 4, generator=torch.Generator()),
                                   torch.Generator().manual_seed(1))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_l2_prior_penalty_is_the_authors_mean_over_batch_and_dimensions():
+    mu, sigma = torch.randn(32, 6), torch.rand(32, 6) + 0.1
+    penalty = gorl_ppo.prior_penalty(mu, sigma, "l2").mean()
+    torch.testing.assert_close(penalty, mu.pow(2).mean() + sigma.pow(2).mean())
