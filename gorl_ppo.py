@@ -90,7 +90,7 @@ class Args:
     decoder_data_steps: int = 65536
     """refit on the states of the latest this-many env steps (at least num_envs x episode length)"""
     decoder_fresh_steps: int = 0
-    """if > 0: refit on this many env steps collected at the boundary with the frozen policy instead"""
+    """if > 0: refit on the executed actions of this many env steps collected at the boundary instead"""
     decoder_targets: Literal["executed", "resampled"] = "resampled"
     """'executed': the pre-tanh u actually executed; 'resampled': fresh u ~ composite policy at each step"""
     decoder_train_steps: int = 12000
@@ -262,13 +262,15 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, l
     return advantages, advantages + values
 
 
-def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common.Run):
+def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common.Run, frozen: bool = False):
     """num_steps steps of the composite policy in every env: eps ~ pi(.|s), u = g(s, eps), a = tanh(u).
-    Returns the batch, flattened to (T * N, ...), with GAE advantages, and the next observation."""
+    Returns the batch, flattened to (T * N, ...), with GAE advantages, and the next observation.
+    frozen: the observation statistics stay as they are (the policy is exactly the one being refit)."""
     keys = ("obs", "raw_obs", "eps", "u", "logp", "values", "rewards", "terminated", "dones", "final_values")
     b = {k: [] for k in keys}
     for step in range(args.num_steps):
-        obs_rms.update(obs)
+        if not frozen:
+            obs_rms.update(obs)
         raw = torch.as_tensor(obs, dtype=torch.float32, device=run.device)
         s = torch.as_tensor(obs_rms.normalize(obs), device=run.device)
         with torch.inference_mode():
@@ -456,6 +458,9 @@ def validate(args: Args) -> None:
     if min(np.diff([0] + ends)) < 1:
         raise common.UsageError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch} steps) "
                                 f"per stage for --num-stages {args.num_stages}")
+    if args.decoder_fresh_steps and args.decoder_targets != "executed":
+        raise common.UsageError("--decoder-fresh-steps refits on the executed actions of the fresh episodes: "
+                                "add --decoder-targets executed")
     if not 0.0 < args.decoder_val_fraction < 1.0:
         raise common.UsageError(f"--decoder-val-fraction must be in (0, 1), got {args.decoder_val_fraction}")
 
@@ -502,7 +507,7 @@ if __name__ == "__main__":
         if fresh_rollouts:  # on-policy data collected now with the frozen policy; these env steps count
             refit_data.clear()
             for _ in range(fresh_rollouts):
-                batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run)
+                batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run, frozen=True)
                 refit_data.append((batch["raw_obs"], batch["u"]))
                 run.stop_requested_in_refit()
         before = run.evaluate("boundary_before")

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "gorl_ppo.py")
@@ -51,6 +52,9 @@ def test_smoke_three_stages_writes_logs_and_a_checkpoint_that_reproduces_the_ret
     assert "stage 0 -> 1" in result.stdout and "stage 1 -> 2" in result.stdout
 
     ckpt = os.path.join(run_dir, "checkpoint.pt")
+    # The fresh refit rollouts run the frozen policy: they do not move the observation statistics
+    # (8 PPO rollouts of 256 steps; the 2 fresh rollouts are not counted).
+    assert torch.load(ckpt, weights_only=False)["obs_rms"]["count"] == 8 * 256
     evaluated = run(["--eval-only", "--checkpoint", ckpt, "--eval-episodes", "2"], tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     mean = float(re.search(r"return (-?[\d.]+) \+-", evaluated.stdout).group(1))
@@ -67,6 +71,7 @@ def test_smoke_three_stages_writes_logs_and_a_checkpoint_that_reproduces_the_ret
     (["--env-backend", "gpu"], "unknown --env-backend 'gpu'"),
     (["--eval-only"], "--eval-only needs --checkpoint"),
     (["--eval-only", "--checkpoint", "nope.pt"], "checkpoint 'nope.pt' does not exist"),
+    (["--decoder-fresh-steps", "1000"], "add --decoder-targets executed"),
 ])
 def test_bad_input_gives_one_line_and_creates_nothing(tmp_path, args, message):
     result = run(args, tmp_path, timeout=120)
@@ -88,3 +93,26 @@ def test_learns_cartpole_balance_and_keeps_it_across_a_refit(tmp_path):
     rows = {r["tag"]: float(r["return_mean"]) for r in read_eval_csv(run_dir)}
     assert rows["boundary_before"] > 800, rows
     assert rows["final"] > 800, rows
+
+
+@pytest.mark.parametrize("script,args", [
+    ("gorl_ppo.py", ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--total-timesteps", "1024",
+                     "--num-stages", "1"]),
+    ("gorl_sac.py", ["--total-timesteps", "300", "--learning-starts", "100", "--batch-size", "32", "--hidden", "32",
+                     "--num-stages", "1"]),
+])
+def test_episodes_are_logged_at_the_env_step_they_ended(tmp_path, script, args):
+    """Toy-v0 episodes last 20 steps and the envs run in lockstep: with N envs, episodes end when
+    N * 20, N * 40, ... env steps have been taken, whatever the rollout length."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", "tests.toy_envs:Toy-v0",
+                             "--eval-episodes", "1", *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = EventAccumulator(glob.glob(str(tmp_path / "runs" / "*"))[0])
+    events.Reload()
+    steps = [e.step for e in events.Scalars("charts/episodic_return")]
+    num_envs = 4 if script == "gorl_ppo.py" else 1
+    assert len(steps) >= 10 and all(step % (20 * num_envs) == 0 for step in steps), steps
