@@ -52,7 +52,7 @@ class Args:
     q_lr: float = 1e-3
     """Adam learning rate of the twin critics and of alpha"""
     policy_frequency: int = 2
-    """critic updates per actor (and alpha) update"""
+    """the actor (and alpha) takes this many steps every this-many critic updates"""
     alpha: float = 0.2
     """entropy coefficient when --no-autotune"""
     autotune: bool = True
@@ -501,6 +501,7 @@ if __name__ == "__main__":
     run.make_act = lambda seed=None: make_act(actor, decoder, device, seed)
     alpha = log_alpha.exp().item() if args.autotune else args.alpha
     num_updates = int(args.updates_per_step * max(0, run.global_step - args.learning_starts))
+    actor_loss = None  # the newest actor update's loss, for the logs
 
     for stage in range(run.stage, args.num_stages):
         # ---- Phase 1: SAC on the latent actor, decoder frozen ----
@@ -529,32 +530,29 @@ if __name__ == "__main__":
                     q_loss, q, q_grad = critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha,
                                                       args.gamma)
                     checks = {"losses/q_loss": q_loss, "gradient norm of the critics": q_grad}
-                    if num_updates % args.policy_frequency == 0:
-                        actor_loss, actor_grad, a_pi, logp, mu, sigma = actor_update(
-                            batch, actor, decoder, qf, actor_optimizer, alpha, args.kl_coef)
-                        checks.update({"losses/actor_loss": actor_loss, "gradient norm of the actor": actor_grad})
-                        if args.autotune:  # alpha tracks the entropy target
-                            alpha_loss = -(log_alpha.exp() * (logp + target_entropy)).mean()
-                            alpha_optimizer.zero_grad(set_to_none=True)
-                            alpha_loss.backward()
-                            alpha_optimizer.step()
-                            alpha = checks["alpha"] = log_alpha.exp().item()
-                        if run.due("log", 1000):
-                            run.check_finite({"actor parameters": list(actor.parameters()),
-                                              "critic parameters": list(qf.parameters())})
-                            run.log({"losses/q_loss": q_loss.item() / 2, "losses/q_values": q.mean().item(),
-                                     "losses/actor_loss": actor_loss.item(), "losses/alpha": alpha,
-                                     "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
-                                     "losses/entropy_estimate": -logp.mean().item(),
-                                     "charts/latent_sigma": sigma.mean().item(),
-                                     "charts/latent_mu_abs": mu.abs().mean().item(),
-                                     "charts/action_abs": a_pi.abs().mean().item(),
-                                     "charts/action_noise_std": action_noise(
-                                         actor, decoder, batch["obs"],
-                                         torch.Generator(device=device).manual_seed(run.global_step))})
+                    if num_updates % args.policy_frequency == 0:  # delayed, yet one actor step per critic step
+                        for _ in range(args.policy_frequency):
+                            actor_loss, actor_grad, a_pi, logp, mu, sigma = actor_update(
+                                batch, actor, decoder, qf, actor_optimizer, alpha, args.kl_coef)
+                            checks.update({"losses/actor_loss": actor_loss, "gradient norm of the actor": actor_grad})
+                            if args.autotune:  # alpha tracks the entropy target
+                                alpha_loss = -(log_alpha.exp() * (logp + target_entropy)).mean()
+                                alpha_optimizer.zero_grad(set_to_none=True)
+                                alpha_loss.backward()
+                                alpha_optimizer.step()
+                                alpha = checks["alpha"] = log_alpha.exp().item()
                     run.check_finite(checks)  # nothing is saved after a bad step: the checkpoint on disk stays good
                     with torch.no_grad():  # Polyak averaging, one fused op over all parameters
                         torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
+            if actor_loss is not None and run.due("log", 1000):  # the newest update's statistics
+                run.check_finite({"actor parameters": list(actor.parameters()), "critic parameters": list(qf.parameters())})
+                run.log({"losses/q_loss": q_loss.item() / 2, "losses/q_values": q.mean().item(),
+                         "losses/actor_loss": actor_loss.item(), "losses/alpha": alpha,
+                         "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
+                         "losses/entropy_estimate": -logp.mean().item(), "charts/latent_sigma": sigma.mean().item(),
+                         "charts/latent_mu_abs": mu.abs().mean().item(), "charts/action_abs": a_pi.abs().mean().item(),
+                         "charts/action_noise_std": action_noise(actor, decoder, batch["obs"], torch.Generator(
+                             device=device).manual_seed(run.global_step))})
             run.tick()  # evaluate, film, checkpoint when due; Ctrl-C
         run.end_stage()
         if stage == args.num_stages - 1:

@@ -185,3 +185,17 @@ def test_diagnostics_and_logging_draw_nothing_from_the_training_random_stream():
     gorl_sac.boundary_diagnostics(actor, decoder, decoder, obs, torch.Generator().manual_seed(1))
     gorl_sac.action_noise(actor, decoder, obs, torch.Generator().manual_seed(2))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_the_actor_takes_one_step_per_critic_step(tmp_path):
+    """--policy-frequency 2 delays the actor, TD3-style, but then takes 2 actor steps: over a run the
+    actor and alpha step as often as the critics (0.5 updates per env step x 400 env steps = 200)."""
+    env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), "--env-id", "Pendulum-v1",
+                             "--total-timesteps", "600", "--learning-starts", "200", "--batch-size", "32",
+                             "--hidden", "32", "--num-stages", "1", "--eval-episodes", "1", "--policy-frequency", "2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
+    steps = {name: int(ckpt[name]["state"][0]["step"]) for name in ("q_optimizer", "actor_optimizer", "alpha_optimizer")}
+    assert steps == {"q_optimizer": 200, "actor_optimizer": 200, "alpha_optimizer": 200}, steps
