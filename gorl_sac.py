@@ -586,4 +586,4 @@ if __name__ == "__main__":
         run.print(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss {fit['val_loss']:.3f} on "
                   f"{fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
                   f"{diagnostics['charts/boundary_action_rms']:.3f}; alpha {alpha:.4f}; {time.time() - fit_start:.1f}s")
-    run.finish(f", {num_updates} updates")
+    run.finish(f", {num_updates} updates; updates {run.seconds.get('update', 0.0) / run.wall_time():.0%}")
