@@ -327,9 +327,9 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, args: Args, run
             policy_grad = nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             critic_grad = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             if not torch.isfinite(loss + policy_grad + critic_grad):  # checked before the step reaches the weights
-                run.check_finite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss, "losses/prior_kl": penalty,
-                                  "losses/entropy": entropy, "gradient norm of the policy": policy_grad,
-                                  "gradient norm of the critic": critic_grad})
+                run.check_finite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
+                                  "losses/prior_kl": penalty, "losses/entropy": entropy,
+                                  "gradient norm of the policy": policy_grad, "gradient norm of the critic": critic_grad})
             optimizer.step()
     run.check_finite({"policy parameters": list(policy.parameters()), "critic parameters": list(critic.parameters())})
     explained_var = 1.0 - (b["returns"] - b["values"]).var() / (b["returns"].var() + 1e-8)
@@ -354,13 +354,15 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
     return (decoder.velocity(s, x_t, t) - (eps - u)).pow(2).mean()
 
 
-def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None):
+def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
+                var_floor: Optional[torch.Tensor] = None):
     """A fresh decoder fit on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a function idx -> u
     drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights; `stop`
     runs at every validation (Ctrl-C). Returns (decoder, stats); a non-finite loss ends the fit early."""
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
     decoder.obs_mean.copy_(obs.mean(0))  # the refit data's own statistics, frozen from now on (detail 5)
-    decoder.obs_var.copy_(obs.var(0))
+    # A dimension near-constant in the refit window (a quiet touch sensor) must not divide by ~0 (detail 5).
+    decoder.obs_var.copy_(obs.var(0) if var_floor is None else torch.maximum(obs.var(0), var_floor))
     decoder.is_identity.fill_(False)
     s = decoder.normalize(obs)
     draw = targets if callable(targets) else (lambda idx: targets[idx])
@@ -521,7 +523,10 @@ if __name__ == "__main__":
                 mu, sigma = policy(data_s[idx])
                 return old_decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
 
-        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, run.stop_requested_in_refit)
+        # the decoder's observation std is at least 10% of the running statistics' (detail 5)
+        var_floor = torch.as_tensor(0.01 * obs_rms.var, dtype=torch.float32, device=device)
+        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, run.stop_requested_in_refit,
+                                       var_floor)
         run.check_finite({"losses/decoder_train": fit["train_loss"]})
         generator = torch.Generator(device=device).manual_seed(args.seed + stage)  # not the training stream
         probe = data_obs[torch.randperm(len(data_obs), generator=generator, device=device)[:2048]]

@@ -360,14 +360,16 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
     return (decoder.velocity(s, x_t, t) - (eps - u)).pow(2).mean()
 
 
-def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None):
+def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
+                var_floor: Optional[torch.Tensor] = None):
     """A fresh decoder fit on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a function idx -> u
     drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights and
     returns the decoder frozen; `stop` runs at every validation (Ctrl-C)."""
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device)
     decoder.obs_mean.copy_(obs.mean(0))  # the refit data's own statistics, frozen with the decoder (detail 5)
-    decoder.obs_var.copy_(obs.var(0))
+    # A dimension near-constant in the refit window (a quiet touch sensor) must not divide by ~0 (detail 5).
+    decoder.obs_var.copy_(obs.var(0) if var_floor is None else torch.maximum(obs.var(0), var_floor))
     decoder.is_identity.fill_(False)
     s = decoder.normalize(obs)
     draw = targets if callable(targets) else (lambda idx: targets[idx])
@@ -545,7 +547,8 @@ if __name__ == "__main__":
                     with torch.no_grad():  # Polyak averaging, one fused op over all parameters
                         torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
             if actor_loss is not None and run.due("log", 1000):  # the newest update's statistics
-                run.check_finite({"actor parameters": list(actor.parameters()), "critic parameters": list(qf.parameters())})
+                run.check_finite({"actor parameters": list(actor.parameters()),
+                                  "critic parameters": list(qf.parameters())})
                 run.log({"losses/q_loss": q_loss.item() / 2, "losses/q_values": q.mean().item(),
                          "losses/actor_loss": actor_loss.item(), "losses/alpha": alpha,
                          "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
@@ -570,7 +573,10 @@ if __name__ == "__main__":
             def targets(idx):  # u = g_old(s, mu + sigma xi): fresh draws of the current composite policy
                 return sample_action(actor, old_decoder, data_obs[idx])[1]
 
-        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, run.stop_requested_in_refit)
+        # the decoder's observation std is at least 10% of the whole buffer's (detail 5)
+        var_floor = torch.as_tensor(0.01 * buffer.data["obs"][: buffer.size].var(0), device=device)
+        new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, run.stop_requested_in_refit,
+                                       var_floor)
         run.check_finite({"losses/decoder_train": fit["train_loss"]})
         generator = torch.Generator(device=device).manual_seed(args.seed + stage)  # not the training stream
         probe = data_obs[torch.randperm(len(data_obs), generator=generator, device=device)[:2048]]

@@ -84,3 +84,16 @@ def test_fit_on_executed_actions_keeps_the_best_validation_weights():
     torch.testing.assert_close(decoder.obs_mean, obs.mean(0))
     # the fit learned something: a zero network scores E||eps - u||^2 = 1 + E[u^2] = 5 per dim
     assert fit["val_loss"] < 1.5
+
+
+def test_a_near_constant_observation_dimension_does_not_saturate_the_decoder_inputs():
+    """A touch sensor quiet in the refit window has variance ~0 there: the floor (10% of the run's std)
+    keeps a later deviation of one run-std at 10 normalised units instead of far beyond the +-10 clip."""
+    torch.manual_seed(0)
+    obs = torch.randn(512, 3)
+    obs[:, 2] = 1e-4 * torch.randn(512)  # quiet in the window
+    floor = torch.full((3,), 0.01)  # the run's variance there is 1
+    decoder, _ = gorl_ppo.fit_decoder(obs, torch.randn(512, 1), _toy_args(decoder_train_steps=10), 3, 1,
+                                      torch.device("cpu"), var_floor=floor)
+    assert torch.all(decoder.obs_var >= floor)
+    assert decoder.normalize(torch.tensor([[0.0, 0.0, 0.5]]))[0, 2].abs() < 10.0

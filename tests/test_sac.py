@@ -199,3 +199,12 @@ def test_the_actor_takes_one_step_per_critic_step(tmp_path):
     ckpt = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
     steps = {name: int(ckpt[name]["state"][0]["step"]) for name in ("q_optimizer", "actor_optimizer", "alpha_optimizer")}
     assert steps == {"q_optimizer": 200, "actor_optimizer": 200, "alpha_optimizer": 200}, steps
+
+
+def test_the_decoder_input_normalisation_has_a_variance_floor():
+    obs = torch.randn(256, 5)
+    obs[:, 0] = 3.0  # constant in the refit window
+    args = gorl_sac.Args(decoder_train_steps=5, decoder_val_every=5)
+    decoder, _ = gorl_sac.fit_decoder(obs, torch.randn(256, 2), args, 5, 2, torch.device("cpu"),
+                                      var_floor=torch.full((5,), 0.04))
+    assert torch.all(decoder.obs_var >= 0.04) and decoder.normalize(obs + 0.1)[:, 0].abs().max() < 1.0
