@@ -37,8 +37,8 @@ class Args:
     # ---- PPO on the latent policy (Phase 1) ----
     learning_rate: float = 1e-3
     """Adam learning rate of the latent policy and the critic"""
-    anneal_lr: bool = True
-    """anneal the learning rate linearly to 0 over the whole run"""
+    lr_schedule: Literal["run", "stage", "constant"] = "run"
+    """linear decay to 0 over the whole run, over each stage, or none (the authors')"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -63,6 +63,8 @@ class Args:
     """rewards are multiplied by this before GAE"""
     kl_coef: float = 1e-2
     """beta: weight of the penalty that pulls pi_theta(.|s) to N(0, I)"""
+    kl_coef_late: Optional[float] = None
+    """beta from stage 1 on (default: --kl-coef)"""
     prior_penalty: Literal["kl", "l2"] = "kl"
     """'kl': analytic KL(pi || N(0, I)); 'l2': the authors' mean(mu^2 + sigma^2)"""
     policy_hidden: int = 64
@@ -80,6 +82,8 @@ class Args:
     """K: RL stages, K - 1 decoder refits; 1 is the tanh-Gaussian PPO twin"""
     stage_fractions: tuple[float, ...] = ()
     """relative budget of each stage (K numbers); default: 2/3 for stage 0, the rest split equally"""
+    fresh_networks_each_stage: bool = False
+    """re-initialise the policy trunk and the critic at each boundary (the authors' recipe)"""
     # ---- decoder (Phase 2) ----
     decoder_hidden: int = 64
     """width of the velocity MLP"""
@@ -298,7 +302,7 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
     return {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()}, obs
 
 
-def update(policy, critic, optimizer, b: dict, clip_coef: float, args: Args, run: common.Run) -> dict:
+def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float, args: Args, run: common.Run) -> dict:
     """PPO epochs over one rollout. The ratio is over eps, so neither the decoder nor tanh enters it."""
     batch_size = len(b["obs"])
     minibatch_size = batch_size // args.num_minibatches
@@ -320,7 +324,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, args: Args, run
             v_loss = 0.5 * (critic(b["obs"][mb]) - b["returns"][mb]).pow(2).mean()
             entropy = (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean()
             penalty = prior_penalty(mu, sigma, args.prior_penalty).mean()
-            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + args.kl_coef * penalty
+            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + kl_coef * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Clipped separately: the critic's large early gradients must not shrink the policy's step (detail 3).
@@ -492,13 +496,18 @@ if __name__ == "__main__":
 
     for stage in range(run.stage, args.num_stages):
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
-        clip_coef = args.clip_coef if stage == 0 or args.clip_coef_late is None else args.clip_coef_late
+        late = stage > 0
+        clip_coef = args.clip_coef_late if late and args.clip_coef_late is not None else args.clip_coef
+        kl_coef = args.kl_coef_late if late and args.kl_coef_late is not None else args.kl_coef
+        start = stage_end[stage - 1] if stage else 0
         for iteration in range(run.global_step // batch_size - stage * fresh_rollouts, stage_end[stage]):
-            if args.anneal_lr:
-                optimizer.param_groups[0]["lr"] = (1.0 - iteration / num_iterations) * args.learning_rate
+            if args.lr_schedule != "constant":  # linear decay over the run, or restarted at each stage
+                done, span = (iteration, num_iterations) if args.lr_schedule == "run" else \
+                    (iteration - start, stage_end[stage] - start)
+                optimizer.param_groups[0]["lr"] = (1.0 - done / span) * args.learning_rate
             batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run)
             refit_data.append((batch["raw_obs"], batch["u"]))
-            run.log(update(policy, critic, optimizer, batch, clip_coef, args, run))
+            run.log(update(policy, critic, optimizer, batch, clip_coef, kl_coef, args, run))
             run.tick()  # evaluate, film, checkpoint when due; Ctrl-C
         run.end_stage()
         if stage == args.num_stages - 1:
@@ -533,6 +542,11 @@ if __name__ == "__main__":
         diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe, generator)
 
         # ---- Stage boundary: latent policy reset to N(0, I); critic and observation statistics kept ----
+        if args.fresh_networks_each_stage:  # fresh trunk and critic, fresh Adam moments
+            policy.load_state_dict(LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers,
+                                                activation).state_dict())
+            critic.load_state_dict(Critic(obs_dim, args.critic_hidden, args.critic_layers, activation).state_dict())
+            optimizer.state.clear()
         reset_latent_policy(policy, optimizer)
         decoder.load_state_dict(new_decoder.state_dict())  # the composite policy now decodes with the refit
         refit_data.clear()  # the next refit sees only the next stage's composite policy

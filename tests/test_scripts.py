@@ -116,3 +116,33 @@ def test_episodes_are_logged_at_the_env_step_they_ended(tmp_path, script, args):
     steps = [e.step for e in events.Scalars("charts/episodic_return")]
     num_envs = 4 if script == "gorl_ppo.py" else 1
     assert len(steps) >= 10 and all(step % (20 * num_envs) == 0 for step in steps), steps
+
+
+def test_learning_rate_schedules_and_the_authors_recipe_flags(tmp_path):
+    """--lr-schedule stage restarts the decay at the boundary; constant never decays; the authors'
+    recipe script runs (shrunk by extra flags, which win) with every flag it sets."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny = ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "1",
+            "--total-timesteps", "1024", "--num-stages", "2", "--stage-fractions", "1", "1",
+            "--decoder-train-steps", "20", "--decoder-val-every", "10", "--eval-episodes", "1"]
+    rates = {}
+    for schedule in ("run", "stage", "constant"):
+        result = run(["--env-id", "tests.toy_envs:Toy-v0", "--lr-schedule", schedule, "--exp-name", schedule,
+                      "--learning-rate", "0.001", *tiny], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        events = EventAccumulator(glob.glob(str(tmp_path / "runs" / f"*__{schedule}__*"))[0])
+        events.Reload()
+        rates[schedule] = [e.value for e in events.Scalars("charts/learning_rate")]  # 8 iterations per stage
+    assert rates["run"][8] == pytest.approx(0.0005) and rates["stage"][8] == pytest.approx(0.001)
+    assert rates["stage"][0] == pytest.approx(0.001) and rates["stage"][7] == pytest.approx(0.001 / 8)
+    assert rates["constant"] == pytest.approx([0.001] * 16)
+    env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
+    recipe = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "authors_recipe.sh"), "tests.toy_envs:Toy-v0",
+                             *tiny, "--decoder-fresh-steps", "64", "--decoder-batch-size", "64", "--eval-episodes", "2",
+                             "--run-dir", str(tmp_path / "recipe")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert recipe.returncode == 0, recipe.stderr[-3000:]
+    saved = torch.load(str(tmp_path / "recipe" / "checkpoint.pt"), weights_only=False)["args"]
+    assert saved["prior_penalty"] == "l2" and saved["kl_coef_late"] == 1e-3 and saved["fresh_networks_each_stage"]
+    assert saved["lr_schedule"] == "constant" and saved["num_envs"] == 4  # the extra flags won
