@@ -1,13 +1,11 @@
-"""Plumbing shared by gorl_ppo.py and gorl_sac.py: environments, evaluation, observation statistics
-and the run lifecycle (command line, checkpoints, --resume, --eval-only, signals, logs).
-
-Nothing here is part of the GoRL algorithm: that is written out in each script, so that each script
-reads on its own next to the paper.
-"""
+"""Plumbing shared by gorl_ppo.py and gorl_sac.py: environments, evaluation, observation statistics and the run
+lifecycle (command line, checkpoints, --resume, --eval-only, signals, logs). The GoRL algorithm is in each script."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import copy
 import csv
 import dataclasses
 import difflib
@@ -39,18 +37,15 @@ class UsageError(ValueError):
 
 
 # ---- environments ----
-
 BACKENDS = ("auto", "envpool", "dm_control")
-# envpool's C++ finger differs from dm_control's (the spinner's hinge velocity spreads 0.65-0.74x as
-# wide; a random policy scores 0.06 vs 0.50 on finger-spin), so `auto` avoids it (README, details).
+# envpool's C++ finger differs from dm_control's (the spinner's hinge velocity spreads 0.65-0.74x as wide; a
+# random policy scores 0.06 vs 0.50 on finger-spin), so `auto` avoids it (README, details).
 ENVPOOL_MISMATCHED_DOMAINS = ("finger",)
 
 
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
-    """An --env-id parsed and checked once: a gymnasium id, or a dm_control (domain, task) run on
-    envpool's C++ port or on the Python suite."""
-
+    """A checked --env-id: a gymnasium id, or a dm_control (domain, task) on envpool's C++ port or the Python suite."""
     env_id: str
     backend: str  # "gym", "dm_control" or "envpool"
     name: str | tuple[str, str]
@@ -59,8 +54,8 @@ class EnvSpec:
 
 @functools.lru_cache(maxsize=None)
 def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
-    """Accepted: `domain-task` (`hopper-stand`), `dm_control/domain-task-v0`, any registered
-    gymnasium id, and `module:EnvId-v0` (an env registered when `module` is imported)."""
+    """Accepts `domain-task` (`hopper-stand`), `dm_control/domain-task-v0`, any registered gymnasium id, and
+    `module:EnvId-v0` (an env registered when `module` is imported)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown --env-backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     name = env_id
@@ -73,16 +68,14 @@ def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
         if name not in gym.registry:
             raise UsageError(f"--env-id {env_id!r}: importing {module!r} did not register {name!r}")
     if name in gym.registry:
-        spec = EnvSpec(env_id, "gym", name)
-        env = gym.make(name)
-        space = env.action_space
-        env.close()
+        with contextlib.closing(gym.make(name)) as env:
+            space = env.action_space
         if not isinstance(space, gym.spaces.Box):
             raise UsageError(f"--env-id {env_id!r} has a {type(space).__name__} action space; GoRL needs a "
                              "continuous (Box) action space")
         if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
             raise UsageError(f"--env-id {env_id!r} has unbounded actions; GoRL needs finite Box bounds")
-        return spec
+        return EnvSpec(env_id, "gym", name)
     from dm_control import suite
 
     name = re.sub(r"^dm_control/(.*?)(-v0)?$", r"\1", name)
@@ -105,21 +98,19 @@ def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
 
 
 class DMCEnv(gym.Env):
-    """A dm_control suite task as a gymnasium env, observations flattened to float32, the time limit
-    reported as truncation (written by hand: it runs at the raw simulator rate)."""
-
+    """A dm_control suite task as a gymnasium env: flat float32 observations, the time limit as truncation
+    (written by hand, as it runs at the raw simulator rate)."""
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
+    render_mode = "rgb_array"
 
     def __init__(self, domain: str, task: str, seed: Optional[int] = None):
         from dm_control import suite
 
         self._env = suite.load(domain, task, task_kwargs={"random": seed})
-        spec = self._env.action_spec()
-        self.keys = list(self._env.observation_spec())
+        spec, self.keys = self._env.action_spec(), list(self._env.observation_spec())
         obs_dim = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
         self.observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
         self.action_space = gym.spaces.Box(spec.minimum.astype(np.float32), spec.maximum.astype(np.float32))
-        self.render_mode = "rgb_array"
 
     def reset(self, *, seed=None, options=None):
         if seed is not None:
@@ -156,11 +147,8 @@ def make_env(spec: EnvSpec, seed: int) -> gym.Env:
 
 
 class EpisodeLog:
-    """Per-env episode bookkeeping: the running return and length (for the episodic logs), and enough
-    to rebuild every env's exact state on --resume: how often each env was reset and the actions
-    it took since. Each env's reset randomness advances once per reset, so replaying the resets and
-    then the actions into fresh envs reproduces the simulator bit for bit (envpool cannot save its
-    state, and pickling MuJoCo is not portable)."""
+    """Per-env running return and length, and what rebuilds each env exactly on --resume: its resets and actions
+    since. Replaying them into fresh envs is bit-exact (envpool cannot save its state; MuJoCo pickles unportably)."""
 
     def __init__(self, num_envs: int):
         self.resets, self.start = np.zeros(num_envs, np.int64), np.zeros(num_envs, np.int64)
@@ -174,7 +162,7 @@ class EpisodeLog:
             ids = np.flatnonzero(done)
             infos["episodes"] = (ids, self.ret[ids], self.length[ids])
             self.ret, self.length = self.ret * ~done, self.length * ~done
-            self.on_reset(np.flatnonzero(done))
+            self.on_reset(ids)
 
     def on_reset(self, ids) -> None:
         self.resets[ids] += 1
@@ -184,15 +172,13 @@ class EpisodeLog:
         self.start -= drop
 
     def state_dict(self) -> dict:
-        return {k: (lambda v: list(v) if isinstance(v, list) else np.copy(v) if isinstance(v, np.ndarray) else v)(
-            getattr(self, k)) for k in ("resets", "start", "history", "ret", "length", "step_seconds")}
+        return copy.deepcopy(vars(self))
 
     def load_state_dict(self, state: dict) -> None:
-        for k, v in state.items():
-            setattr(self, k, v.copy() if isinstance(v, (np.ndarray, list)) else v)
+        vars(self).update(copy.deepcopy(state))
 
     def replay_plan(self):
-        """('reset', ids) and then ('step', ids, actions (len(ids), act_dim)), in replay order."""
+        """('reset', ids, None), then ('step', ids, actions (len(ids), act_dim)), in replay order."""
         for k in range(1, int(self.resets.max())):
             yield "reset", np.flatnonzero(self.resets > k), None
         for j in range(int(self.start.min()), len(self.history)):
@@ -201,14 +187,12 @@ class EpisodeLog:
 
 
 class VectorEnv:
-    """`num_envs` envs stepped in this process, in gymnasium's SAME_STEP autoreset mode: a finished
-    episode's last observation is in infos["final_obs"] (dense, (num_envs, obs_dim)) and the returned
-    observation is already the next episode's first. dm_control tasks run on envpool's C++ port
-    (2-3x the Python suite's rate) where `spec` says so, everything else on gymnasium's SyncVectorEnv."""
+    """`num_envs` envs in gymnasium's SAME_STEP autoreset mode: a finished episode's last observation is in
+    infos["final_obs"] (dense, (num_envs, obs_dim)); the returned observation is the next episode's first."""
 
     def __init__(self, spec: EnvSpec, num_envs: int, seed: int, threads: int = 1):
-        self.spec, self.num_envs, self.seed = spec, num_envs, seed
-        if spec.backend == "envpool":
+        self.spec, self.num_envs, self.seed, self.pool = spec, num_envs, seed, None
+        if spec.backend == "envpool":  # dm_control's C++ port: 2-3x the Python suite's rate
             import envpool
 
             self.pool = envpool.make_gymnasium(spec.envpool_id, num_envs=num_envs, seed=seed, num_threads=threads)
@@ -216,37 +200,38 @@ class VectorEnv:
             obs_dim = sum(int(np.prod(self.pool.observation_space[k].shape)) for k in self.keys)
             act_shape = self.pool.action_space.shape
         else:
-            self.envs = gym.vector.SyncVectorEnv([lambda i=i: make_env(spec, seed + i) for i in range(num_envs)],
-                                                 autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
-            obs_dim, act_shape = self.envs.single_observation_space.shape[0], self.envs.single_action_space.shape
+            self.envs = [make_env(spec, seed + i) for i in range(num_envs)]
+            obs_dim, act_shape = self.envs[0].observation_space.shape[0], self.envs[0].action_space.shape
         self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
         self.single_action_space = gym.spaces.Box(-1.0, 1.0, act_shape, np.float32)
         self.log = EpisodeLog(num_envs)
 
+    def _reset(self, ids: np.ndarray, seed: Optional[int] = None) -> np.ndarray:
+        """The first observations of envs `ids` (env i reseeded with seed + i if `seed` is given)."""
+        if self.pool is not None:  # envpool seeded env i with seed + i at construction
+            return flatten(self.pool.reset(ids.astype(np.int32))[0], self.keys, len(ids))
+        return np.stack([self.envs[i].reset(seed=None if seed is None else seed + int(i))[0] for i in ids])
+
+    def _step(self, ids: np.ndarray, actions: np.ndarray):
+        """Step envs `ids` with `actions` (len(ids), act_dim): observations, rewards, terminated, truncated."""
+        if self.pool is not None:
+            obs, reward, term, trunc, _ = self.pool.step(np.asarray(actions, np.float64), ids.astype(np.int32))
+            return flatten(obs, self.keys, len(ids)), reward.astype(np.float64), term.astype(bool), trunc.astype(bool)
+        obs, reward, term, trunc = zip(*[self.envs[i].step(a)[:4] for i, a in zip(ids, actions)])
+        return np.stack(obs), np.array(reward, np.float64), np.array(term, bool), np.array(trunc, bool)
+
     def reset(self, seed=None):
         self.log = EpisodeLog(self.num_envs)
         self.log.on_reset(np.arange(self.num_envs))
-        if hasattr(self, "pool"):  # envpool seeds env i with seed + i at construction
-            return flatten(self.pool.reset()[0], self.keys, self.num_envs), {}
-        return np.array(self.envs.reset(seed=self.seed)[0]), {}
+        return self._reset(np.arange(self.num_envs), self.seed), {}
 
     def step(self, actions: np.ndarray):
         start = time.perf_counter()
-        if hasattr(self, "pool"):
-            obs, reward, terminated, truncated, _ = self.pool.step(np.asarray(actions, np.float64))
-            obs, done, infos = flatten(obs, self.keys, self.num_envs), terminated | truncated, {}
-            if done.any():
-                ids = np.flatnonzero(done).astype(np.int32)
-                infos["final_obs"] = np.where(done[:, None], obs, 0.0)
-                obs[ids] = flatten(self.pool.reset(ids)[0], self.keys, len(ids))
-            reward, terminated, truncated = reward.astype(np.float64), terminated.astype(bool), truncated.astype(bool)
-        else:
-            obs, reward, terminated, truncated, infos = self.envs.step(actions)
-            done = terminated | truncated
-            if done.any():
-                final = np.zeros_like(obs)
-                final[done] = np.stack(infos["final_obs"][done])
-                infos = {"final_obs": final}
+        obs, reward, terminated, truncated = self._step(np.arange(self.num_envs), actions)
+        done, infos = terminated | truncated, {}
+        if done.any():
+            infos["final_obs"] = np.where(done[:, None], obs, 0.0)
+            obs[done] = self._reset(np.flatnonzero(done))
         self.log.step_seconds += time.perf_counter() - start
         self.log.on_step(actions, reward, done, infos)
         return obs, reward, terminated, truncated, infos
@@ -259,21 +244,15 @@ class VectorEnv:
         obs, _ = self.reset()
         self.log.load_state_dict(state)
         for kind, ids, actions in self.log.replay_plan():
-            if hasattr(self, "pool"):
-                new = self.pool.reset(ids.astype(np.int32))[0] if kind == "reset" else \
-                    self.pool.step(np.asarray(actions, np.float64), ids.astype(np.int32))[0]
-                obs[ids] = flatten(new, self.keys, len(ids))
-            for n, i in enumerate([] if hasattr(self, "pool") else ids):
-                obs[i] = self.envs.envs[i].reset()[0] if kind == "reset" else self.envs.envs[i].step(actions[n])[0]
+            obs[ids] = self._reset(ids) if kind == "reset" else self._step(ids, actions)[0]
         return obs
 
     def close(self) -> None:
-        (self.pool if hasattr(self, "pool") else self.envs).close()
+        for env in [self.pool] if self.pool is not None else self.envs:
+            env.close()
 
 
-# ---- observation statistics ----
-
-
+# ---- observation statistics, evaluation and videos ----
 class RunningMeanStd:
     """Exact running mean/variance over all observations seen (parallel Chan et al. update)."""
 
@@ -284,8 +263,7 @@ class RunningMeanStd:
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, np.float64).reshape(-1, *self.mean.shape)
         batch_mean, batch_var, n = x.mean(0), x.var(0), x.shape[0]
-        total = self.count + n
-        delta = batch_mean - self.mean
+        total, delta = self.count + n, batch_mean - self.mean
         m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
         self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
 
@@ -298,20 +276,13 @@ class RunningMeanStd:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = state["mean"].copy(), state["var"].copy(), state["count"]
 
-    def copy(self) -> "RunningMeanStd":
-        other = RunningMeanStd(self.mean.shape, self.clip, self.eps)
-        other.load_state_dict(self.state_dict())
-        return other
-
-
-# ---- evaluation and videos ----
+    def copy(self) -> RunningMeanStd:
+        return copy.deepcopy(self)
 
 
 def evaluate(spec: EnvSpec, act: Callable[[np.ndarray], np.ndarray], num_episodes: int, seed: int) -> np.ndarray:
-    """Undiscounted return of the first episode of `num_episodes` fresh envs (env i seeded seed + i),
-    stepped as one batch. Fixed seeds pair evaluations: the same policy gives the same returns, so the
-    evaluations just before and after a stage boundary compare like with like. `act` maps raw
-    observations (B, obs_dim) to actions in [-1, 1] (B, act_dim)."""
+    """Return of the first episode of `num_episodes` fresh envs (env i seeded seed + i), stepped as one batch: fixed
+    seeds pair evaluations. `act` maps raw observations (B, obs_dim) to actions in [-1, 1] (B, act_dim)."""
     envs = VectorEnv(spec, num_episodes, seed)
     obs, _ = envs.reset()
     returns, active = np.zeros(num_episodes), np.ones(num_episodes, bool)
@@ -356,20 +327,15 @@ def check_render(spec: EnvSpec) -> None:
 
 
 # ---- the run lifecycle ----
-
 EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag", "episode_returns"]
 MAY_BE_ZERO = ("seed", "eval_seed", "decoder_fresh_steps", "learning_starts")  # every other count must be > 0
 
 
 def stage_ends(budget: int, num_stages: int, fractions: tuple[float, ...]) -> list[int]:
-    """Where each stage ends in a budget of env steps or iterations: by --stage-fractions, or stage 0
-    takes 2/3 and the later stages share the rest equally (few, late boundaries; README, details)."""
-    if fractions:
-        f = np.asarray(fractions, dtype=np.float64)
-    elif num_stages == 1:
-        f = np.ones(1)
-    else:
-        f = np.asarray([2 / 3] + [(1.0 - 2 / 3) / (num_stages - 1)] * (num_stages - 1))
+    """Where each stage ends in a budget of env steps or iterations: by --stage-fractions, or stage 0 takes 2/3
+    and the later stages share the rest equally (few, late boundaries; README, details)."""
+    rest = [(1.0 - 2 / 3) / (num_stages - 1)] * (num_stages - 1) if num_stages > 1 else []
+    f = np.asarray(fractions or [2 / 3] + rest, dtype=np.float64)
     return [int(x) for x in np.round(np.cumsum(f) / f.sum() * budget)]
 
 
@@ -387,8 +353,53 @@ def load_checkpoint(path: str, script: str) -> dict:
     return payload
 
 
-def _state(part):
-    """What a checkpoint keeps of one named part of the run."""
+def check_args(args) -> None:
+    """The checks of the flags both scripts share, before anything is created."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if type(value) is int and field.name not in MAY_BE_ZERO and value <= 0:
+            raise UsageError(f"--{field.name.replace('_', '-')} must be positive, got {value}")
+    if args.eval_only and args.checkpoint is None:
+        raise UsageError("--eval-only needs --checkpoint PATH")
+    if args.eval_only:
+        return
+    if args.eval_stochastic:
+        raise UsageError("--eval-stochastic only applies with --eval-only")
+    if args.run_dir is not None and os.path.exists(args.run_dir):
+        raise UsageError(f"--run-dir {args.run_dir!r} already exists; continue it with --resume {args.run_dir}")
+    if args.stage_fractions and (len(args.stage_fractions) != args.num_stages or min(args.stage_fractions) <= 0):
+        raise UsageError(f"--stage-fractions {' '.join(map(str, args.stage_fractions))} must be {args.num_stages} "
+                         "positive numbers (one per stage)")
+    spec = resolve_env(args.env_id, args.env_backend)  # raises on unknown ids, backends and action spaces
+    if args.capture_video:
+        check_render(spec)
+
+
+def evaluate_checkpoint(args, saved, ckpt: dict, build_act: Callable) -> None:
+    """--eval-only: the composite policy (and observation statistics) of `ckpt`, whose run had arguments `saved`."""
+    spec = resolve_env(saved.env_id, saved.env_backend)
+    if args.capture_video:
+        check_render(spec)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    seed = args.eval_seed if args.eval_stochastic else None
+    returns = evaluate(spec, build_act(ckpt, saved, device, seed), args.eval_episodes, args.eval_seed)
+    mode = "stochastic" if args.eval_stochastic else "deterministic"
+    print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: {mode} "
+          f"return {returns.mean():.4f} +- {returns.std():.4f} over {len(returns)} episodes")
+    if args.capture_video:  # seeded like the first eval episode; dm_control's own simulator renders it
+        path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
+                            f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
+        ret = record_video(spec, build_act(ckpt, saved, device, seed), args.eval_seed, path)
+        print(f"video: {path} (return {ret:.4f})")
+
+
+def saved_args(args_type, ckpt: dict):
+    """The arguments the checkpoint's run started with (a resumed run continues with them)."""
+    return args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
+
+
+def part_state(part):
+    """What a checkpoint keeps of one part named in Run.restore."""
     if isinstance(part, np.random.Generator):
         return part.bit_generator.state
     if isinstance(part, torch.Tensor):
@@ -396,7 +407,7 @@ def _state(part):
     return list(part) if isinstance(part, collections.deque) else part.state_dict()
 
 
-def _load(part, state) -> None:
+def load_part(part, state) -> None:
     if isinstance(part, np.random.Generator):
         part.bit_generator.state = state
     elif isinstance(part, torch.Tensor):
@@ -409,26 +420,31 @@ def _load(part, state) -> None:
 
 
 class Run:
-    """Everything around the algorithm, so a script holds only GoRL: the command line (--resume,
-    --eval-only, validation with one-line errors), the run directory (tensorboard, eval.csv,
-    checkpoint.pt), and, between iterations, evaluation, videos and checkpoints when due, Ctrl-C /
-    SIGTERM (checkpoint, then exit 130 / 143) and the stop on a non-finite value."""
+    """Everything around the algorithm: the command line (--resume, --eval-only, one-line errors), the run directory
+    (tensorboard, eval.csv, checkpoint.pt) and, between iterations, evals, videos, checkpoints, signals, NaN stops."""
 
     def __init__(self, args_type, script: str, validate: Callable, build_act: Callable):
-        args, self.script, self.ckpt = tyro.cli(args_type), script, None
-        resume_dir = args.resume
+        args, self.script, self.ckpt, resume_dir = tyro.cli(args_type), script, None, None
         try:
             if args.resume:  # every other flag is ignored: the run continues with the arguments it started with
+                resume_dir, path = args.resume, os.path.join(args.resume, "checkpoint.pt")
                 if args.eval_only:
-                    raise UsageError("--resume continues training; evaluate with --eval-only --checkpoint "
-                                     f"{os.path.join(args.resume, 'checkpoint.pt')}")
-                self.ckpt = self._load_resume(args.resume)
-                args = args_type(**{k: v for k, v in self.ckpt["args"].items() if k in args_type.__dataclass_fields__})
+                    raise UsageError(f"--resume continues training; evaluate with --eval-only --checkpoint {path}")
+                if not os.path.isdir(resume_dir):
+                    raise UsageError(f"--resume {resume_dir!r}: no such run directory")
+                if not os.path.isfile(path):
+                    raise UsageError(f"--resume {resume_dir!r}: it holds no checkpoint.pt (the run saved none)")
+                self.ckpt = load_checkpoint(path, script)
+                if self.ckpt.get("finished"):
+                    raise UsageError(f"--resume {resume_dir!r}: the run already finished "
+                                     f"({self.ckpt['global_step']} env steps)")
+                args = saved_args(args_type, self.ckpt)
             else:
-                self._validate(args)
+                check_args(args)
                 validate(args)
             if args.eval_only:
-                self._evaluate_checkpoint(args, args_type, build_act)
+                ckpt = load_checkpoint(args.checkpoint, script)
+                evaluate_checkpoint(args, saved_args(args_type, ckpt), ckpt, build_act)
                 sys.exit(0)
         except UsageError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -440,8 +456,8 @@ class Run:
         torch.set_num_threads(args.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
         self.env = resolve_env(args.env_id, args.env_backend)
-        name = f"{re.sub('[/:]', '_', args.env_id)}__{args.exp_name}__K{args.num_stages}__{args.seed}__{int(time.time())}"
-        self.run_dir = resume_dir or args.run_dir or os.path.join("runs", name)
+        name = f"{re.sub('[/:]', '_', args.env_id)}__{args.exp_name}__K{args.num_stages}__{args.seed}"
+        self.run_dir = resume_dir or args.run_dir or os.path.join("runs", f"{name}__{int(time.time())}")
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.global_step, self.stage = (ckpt["global_step"], ckpt["stage"]) if ckpt else (0, 0)
         state = ckpt["run"] if ckpt else {"due_at": {"eval": 0, "video": args.video_interval,
@@ -459,68 +475,15 @@ class Run:
                          mininterval=0.5, dynamic_ncols=True, disable=os.environ.get("GORL_NO_PROGRESS") == "1")
         self.make_act: Callable = lambda seed=None: None  # the script sets it: the composite policy as a function
 
-    # -- start: validation, --eval-only, --resume --
-
-    def _validate(self, args) -> None:
-        for field in dataclasses.fields(args):
-            value = getattr(args, field.name)
-            if type(value) is int and field.name not in MAY_BE_ZERO and value <= 0:
-                raise UsageError(f"--{field.name.replace('_', '-')} must be positive, got {value}")
-        if args.eval_only:
-            if args.checkpoint is None:
-                raise UsageError("--eval-only needs --checkpoint PATH")
-            return
-        if args.eval_stochastic:
-            raise UsageError("--eval-stochastic only applies with --eval-only")
-        if args.run_dir is not None and os.path.exists(args.run_dir):
-            raise UsageError(f"--run-dir {args.run_dir!r} already exists; continue it with --resume {args.run_dir}")
-        if args.stage_fractions and (len(args.stage_fractions) != args.num_stages or min(args.stage_fractions) <= 0):
-            raise UsageError(f"--stage-fractions {' '.join(map(str, args.stage_fractions))} must be {args.num_stages} "
-                             "positive numbers (one per stage)")
-        spec = resolve_env(args.env_id, args.env_backend)  # raises on unknown ids, backends and action spaces
-        if args.capture_video:
-            check_render(spec)
-
-    def _load_resume(self, run_dir: str) -> dict:
-        if not os.path.isdir(run_dir):
-            raise UsageError(f"--resume {run_dir!r}: no such run directory")
-        path = os.path.join(run_dir, "checkpoint.pt")
-        if not os.path.isfile(path):
-            raise UsageError(f"--resume {run_dir!r}: it holds no checkpoint.pt (the run saved none)")
-        ckpt = load_checkpoint(path, self.script)
-        if ckpt.get("finished"):
-            raise UsageError(f"--resume {run_dir!r}: the run already finished ({ckpt['global_step']} env steps)")
-        return ckpt
-
-    def _evaluate_checkpoint(self, args, args_type, build_act) -> None:
-        """--eval-only: the checkpoint's composite policy (and observation statistics) on fresh eval envs."""
-        ckpt = load_checkpoint(args.checkpoint, self.script)
-        saved = args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
-        spec = resolve_env(saved.env_id, saved.env_backend)
-        if args.capture_video:
-            check_render(spec)
-        device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        seed = args.eval_seed if args.eval_stochastic else None
-        returns = evaluate(spec, build_act(ckpt, saved, device, seed), args.eval_episodes, args.eval_seed)
-        mode = "stochastic" if args.eval_stochastic else "deterministic"
-        print(f"{saved.env_id} step {ckpt['global_step']} stage {ckpt['stage']}: {mode} "
-              f"return {returns.mean():.4f} +- {returns.std():.4f} over {len(returns)} episodes")
-        if args.capture_video:  # seeded like the first eval episode; dm_control's own simulator renders it
-            path = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "videos",
-                                f"eval_step{ckpt['global_step']}_{mode}_seed{args.eval_seed}.mp4")
-            ret = record_video(spec, build_act(ckpt, saved, device, seed), args.eval_seed, path)
-            print(f"video: {path} (return {ret:.4f})")
-
     def restore(self, envs: VectorEnv, **parts) -> np.ndarray:
-        """Name what a checkpoint holds (networks, optimisers, statistics, buffers, generators). On
-        --resume, load it all, replay the envs to the saved step and continue the random streams.
-        Returns the envs' current observations."""
+        """Name what a checkpoint holds (networks, optimisers, statistics, buffers, generators); on --resume, load
+        it, replay the envs to the saved step and continue the random streams. Returns the current observations."""
         self.envs, self.parts = envs, parts
         if self.ckpt is None:
             print(f"run directory: {self.run_dir}; device {self.device}")
             return envs.reset()[0]
         for name, part in parts.items():
-            _load(part, self.ckpt[name])
+            load_part(part, self.ckpt[name])
         obs = envs.load_state_dict(self.ckpt["envs"])
         rng = self.ckpt["random_state"]
         random.setstate(rng["python"])
@@ -528,8 +491,6 @@ class Run:
         torch.set_rng_state(rng["torch"])
         print(f"resuming {self.run_dir} at env step {self.global_step} (stage {self.stage})")
         return obs
-
-    # -- logs --
 
     def _open_logs(self, resume: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -546,7 +507,19 @@ class Run:
         if not resume:
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in sorted(vars(self.args).items())))
-        self.wandb = _init_wandb(self) if self.args.track else None
+        self.wandb = None
+        if self.args.track:
+            import wandb
+
+            name = os.path.basename(os.path.normpath(self.run_dir))  # so a resumed run continues its wandb run
+            kwargs = dict(project=self.args.wandb_project_name, entity=self.args.wandb_entity, name=name,
+                          config=vars(self.args), dir=self.run_dir, sync_tensorboard=True, save_code=True,
+                          id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:], resume="allow")
+            try:  # wandb must never hang a run without network: a short init timeout, then offline mode
+                self.wandb = wandb.init(settings=wandb.Settings(init_timeout=30), **kwargs)
+            except Exception as err:
+                print(f"wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
+                self.wandb = wandb.init(mode="offline", **kwargs)
         self.csv_file = open(csv_path, "a", newline="")
         self.csv = csv.writer(self.csv_file, lineterminator="\n")
         if not resume:
@@ -558,8 +531,7 @@ class Run:
 
     def log(self, scalars: dict, step: Optional[int] = None) -> None:
         """Tensorboard scalars at `step` (default: now), plus throughput and the stage."""
-        step = self.global_step if step is None else step
-        wall = self.wall_time()
+        step, wall = self.global_step if step is None else step, self.wall_time()
         scalars = {**scalars, "charts/stage": self.stage, "charts/SPS": self.global_step / wall,
                    "charts/env_time_fraction": self.envs.log.step_seconds / wall,
                    **{f"charts/{k}_time_fraction": v / wall for k, v in self.seconds.items()}}
@@ -573,23 +545,17 @@ class Run:
             self.writer.add_scalar("charts/episodic_return", ret, self.global_step)
             self.writer.add_scalar("charts/episodic_length", length, self.global_step)
 
+    @contextlib.contextmanager
     def timed(self, name: str):
         """`with run.timed("update"):` adds the block's seconds to charts/update_time_fraction."""
-        run = self
-
-        class Timer:
-            def __enter__(self):
-                self.start = time.perf_counter()
-
-            def __exit__(self, *exc):
-                run.seconds[name] = run.seconds.get(name, 0.0) + time.perf_counter() - self.start
-
-        return Timer()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def print(self, message: str) -> None:
         self.pbar.write(message)
-
-    # -- evaluation, checkpoints and stages --
 
     def evaluate(self, tag: str) -> np.ndarray:
         """Deterministic returns of the composite policy on the fixed eval seeds, as an eval.csv row.
@@ -626,7 +592,7 @@ class Run:
         if self.args.capture_video and self.due("video", self.args.video_interval):
             self.video("train")
         if self.interrupt_signal is not None:
-            self._exit_interrupted("now" if self.save() else "none")
+            self._exit_interrupted("the checkpoint just written" if self.save() else None)
         if self.due("checkpoint", self.args.checkpoint_interval):
             self.save()
 
@@ -636,8 +602,8 @@ class Run:
         self.save()
 
     def start_stage(self, stage: int) -> np.ndarray:
-        """After the refit and the reset: evaluate the new composite policy and checkpoint, so a crash
-        later in the stage does not repeat the refit. Returns the 'boundary_after' returns."""
+        """After the refit and the reset: evaluate the new composite policy and checkpoint, so a crash later in the
+        stage does not repeat the refit. Returns the 'boundary_after' returns."""
         self.stage = stage
         after = self.evaluate("boundary_after")
         self.video(f"stage{stage}_start")
@@ -647,7 +613,8 @@ class Run:
     def stop_requested_in_refit(self) -> None:
         """Called inside the refit: on Ctrl-C / SIGTERM exit; resuming restarts the refit from the stage end."""
         if self.interrupt_signal is not None:
-            self._exit_interrupted("stage_end" if self.args.save_model else "none")
+            self._exit_interrupted("the stage-end checkpoint (the decoder refit restarts)" if self.args.save_model
+                                   else None)
 
     def save(self, finished: bool = False) -> bool:
         """Atomic checkpoint.pt: everything --resume needs, and what --eval-only reads."""
@@ -656,8 +623,9 @@ class Run:
         payload = {"script": self.script, "args": vars(self.args), "global_step": self.global_step,
                    "stage": self.stage, "finished": finished, "obs_dim": self.envs.single_observation_space.shape[0],
                    "act_dim": self.envs.single_action_space.shape[0], "envs": self.envs.state_dict(),
-                   **{name: _state(part) for name, part in self.parts.items()},
-                   "random_state": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                   **{name: part_state(part) for name, part in self.parts.items()},
+                   "random_state": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                    "torch": torch.get_rng_state()},
                    "run": {"due_at": dict(self.due_at), "eval_rows": self.eval_rows, "wall_time_s": self.wall_time(),
                            "seconds": dict(self.seconds)}}
         tmp = self.checkpoint_path + ".tmp"
@@ -687,8 +655,6 @@ class Run:
               f"{wall:.0f}s ({self.global_step / wall:.0f} steps/s{summary}, env "
               f"{self.envs.log.step_seconds / wall:.0%} of wall time)")
 
-    # -- signals and closing --
-
     def _on_signal(self, signum, frame) -> None:
         if self.interrupt_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -696,16 +662,14 @@ class Run:
         print(f"\n{signal.Signals(signum).name}: finishing the current update, then saving a checkpoint "
               "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
-    def _exit_interrupted(self, checkpoint: str) -> None:
-        """checkpoint: 'now' (just written), 'stage_end' (interrupted in a refit) or 'none' (--no-save-model)."""
+    def _exit_interrupted(self, resume_from: Optional[str]) -> None:
+        """resume_from: the checkpoint to resume from, None under --no-save-model."""
         self._close()
         name = signal.Signals(self.interrupt_signal).name
-        if checkpoint == "none":
+        if resume_from is None:
             print(f"interrupted by {name} at env step {self.global_step}; no checkpoint (--no-save-model)", flush=True)
         else:
-            where = "the checkpoint just written" if checkpoint == "now" else \
-                "the stage-end checkpoint (the decoder refit restarts)"
-            print(f"interrupted by {name} at env step {self.global_step}; resume from {where} with:\n"
+            print(f"interrupted by {name} at env step {self.global_step}; resume from {resume_from} with:\n"
                   f"    python {self.script}.py --resume {self.run_dir}", flush=True)
         sys.exit(128 + self.interrupt_signal)
 
@@ -718,25 +682,9 @@ class Run:
             self.wandb.finish()
 
 
-def _init_wandb(run: Run):
-    """wandb must never hang a run without network: a short init timeout, then offline mode. The run id
-    comes from the run name, so a resumed run continues the same wandb run."""
-    import wandb
-
-    name = os.path.basename(os.path.normpath(run.run_dir))
-    kwargs = dict(project=run.args.wandb_project_name, entity=run.args.wandb_entity, name=name,
-                  config=vars(run.args), dir=run.run_dir, sync_tensorboard=True, save_code=True,
-                  id=re.sub(r"[^A-Za-z0-9_-]", "-", name)[-64:], resume="allow")
-    try:
-        return wandb.init(settings=wandb.Settings(init_timeout=30), **kwargs)
-    except Exception as err:  # no network / no login: keep the run, log locally
-        print(f"wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
-        return wandb.init(mode="offline", **kwargs)
-
-
 def first_nonfinite(named: dict) -> Optional[str]:
-    """The name of the first value holding a NaN or inf: a tensor/number, or a list of tensors
-    (parameters, checked through their norms in one fused call). None when all are finite."""
+    """The name of the first value holding a NaN or inf: a tensor/number, or a list of tensors (parameters,
+    checked through their norms in one fused call). None when all are finite."""
     values = [torch.stack(torch._foreach_norm([v.detach() for v in value])) if isinstance(value, (list, tuple))
               else torch.as_tensor(value).detach().reshape(-1) for value in named.values()]
     if bool(torch.isfinite(torch.cat([v.float().cpu() for v in values])).all()):  # the common case: one check
