@@ -393,6 +393,28 @@ def evaluate_checkpoint(args, saved, ckpt: dict, build_act: Callable) -> None:
         print(f"video: {path} (return {ret:.4f})")
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); its message is one line."""
+
+
+def write_checkpoint(path: str, payload: dict) -> None:
+    """Atomic: write a temporary file, then rename it to `path`. On failure the temporary file goes, a file already
+    at `path` stays, and CheckpointWriteError names the OS error."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:  # a Python file: a failed write raises its OSError (torch's own message hides it)
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        cause = err
+        while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
+            cause = cause.__cause__ or cause.__context__
+        reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err).strip().split("\n")[0]
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {reason}") from None
+
+
 def saved_args(args_type, ckpt: dict):
     """The arguments the checkpoint's run started with (a resumed run continues with them)."""
     return args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
@@ -628,9 +650,10 @@ class Run:
                                     "torch": torch.get_rng_state()},
                    "run": {"due_at": dict(self.due_at), "eval_rows": self.eval_rows, "wall_time_s": self.wall_time(),
                            "seconds": dict(self.seconds)}}
-        tmp = self.checkpoint_path + ".tmp"
-        torch.save(payload, tmp)
-        os.replace(tmp, self.checkpoint_path)
+        try:
+            write_checkpoint(self.checkpoint_path, payload)
+        except CheckpointWriteError as err:
+            self._fail(str(err))
         return True
 
     def check_finite(self, named: dict) -> None:
@@ -641,8 +664,11 @@ class Run:
     def stop_nonfinite(self, name: str) -> None:
         kept = f"the last good checkpoint {self.checkpoint_path} stays" if os.path.exists(self.checkpoint_path) \
             else "no checkpoint was written yet"
-        print(f"error: non-finite {name} at stage {self.stage}, env step {self.global_step}; stopped ({kept})",
-              file=sys.stderr)
+        self._fail(f"non-finite {name} at stage {self.stage}, env step {self.global_step}; stopped ({kept})")
+
+    def _fail(self, message: str) -> None:
+        """One line on stderr, the logs closed, exit code 1."""
+        print(f"error: {message}", file=sys.stderr)
         self._close()
         sys.exit(1)
 

@@ -184,12 +184,68 @@ def test_a_nan_reward_stops_with_one_line_and_the_last_checkpoint_is_good(tmp_pa
     assert result.returncode == 1
     errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    match = re.match(r"error: non-finite (.+) at stage 0, env step (\d+); stopped \(the last good checkpoint", errors[0])
+    match = re.match(r"error: non-finite (.+) at stage 0, env step (\d+); stopped \(the last good checkpoint",
+                     errors[0])
     assert match and ("loss" in match.group(1)), errors[0]
     ckpt = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
     assert 0 < ckpt["global_step"] < int(match.group(2))
     weights = [v for key in ("policy", "critic", "actor", "qf") if key in ckpt for v in ckpt[key].values()]
     assert weights and all(torch.isfinite(w).all() for w in weights)
+
+
+# ---- a checkpoint that cannot be written (a full disk) stops the run with one line; the last good one stays ----
+
+
+def _disk_full(obj, f, *args, **kwargs):
+    """torch.save on a full disk: a few bytes get written, then the OS error."""
+    (f if hasattr(f, "write") else open(f, "wb")).write(b"partial")
+    raise OSError(28, "No space left on device")
+
+
+def test_write_checkpoint_fails_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    common.write_checkpoint(path, {"global_step": 1})
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(torch, "save", _disk_full)
+    with pytest.raises(common.CheckpointWriteError) as failure:
+        common.write_checkpoint(path, {"global_step": 2})
+    assert str(failure.value) == f"could not write checkpoint {path}: No space left on device"
+    assert os.listdir(tmp_path) == ["checkpoint.pt"] and (tmp_path / "checkpoint.pt").read_bytes() == good
+
+
+# `python -c SECOND_SAVE_FAILS script.py ARGS` runs the script with its second torch.save failing as on a full disk.
+SECOND_SAVE_FAILS = """
+import runpy, sys, torch
+save, calls = torch.save, []
+
+def first_save_only(obj, f, *args, **kwargs):
+    calls.append(f)
+    if len(calls) == 1:
+        return save(obj, f, *args, **kwargs)
+    (f if hasattr(f, "write") else open(f, "wb")).write(b"partial")
+    raise OSError(28, "No space left on device")
+
+torch.save = first_save_only
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_failed_checkpoint_write_stops_the_run_with_one_line(tmp_path):
+    args = ["--env-id", "tests.toy_envs:Toy-v0", "--total-timesteps", "600", "--learning-starts", "200",
+            "--batch-size", "32", "--hidden", "32", "--decoder-train-steps", "50", "--decoder-data-steps", "200",
+            "--eval-episodes", "2", "--checkpoint-interval", "100", "--run-dir", "runs/full"]
+    result = subprocess.run([sys.executable, "-c", SECOND_SAVE_FAILS, *script("gorl_sac")[1:], *args], cwd=tmp_path,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr
+    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+    path = os.path.join("runs", "full", "checkpoint.pt")
+    assert errors == [f"error: could not write checkpoint {path}: No space left on device"], result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert sorted(os.listdir(tmp_path / "runs" / "full")) == ["checkpoint.pt", "eval.csv"] + sorted(
+        os.path.basename(p) for p in glob.glob(str(tmp_path / "runs" / "full" / "events.out.tfevents.*")))
+    ckpt = torch.load(tmp_path / path, weights_only=False)
+    assert ckpt["global_step"] == 100 and not ckpt["finished"]
 
 
 # ---- --eval-only restores everything, and writes a video without GL on a numpy-rendered env ----
