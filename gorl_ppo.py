@@ -333,7 +333,8 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             if not torch.isfinite(loss + policy_grad + critic_grad):  # checked before the step reaches the weights
                 run.check_finite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
                                   "losses/prior_kl": penalty, "losses/entropy": entropy,
-                                  "gradient norm of the policy": policy_grad, "gradient norm of the critic": critic_grad})
+                                  "gradient norm of the policy": policy_grad,
+                                  "gradient norm of the critic": critic_grad})
             optimizer.step()
     run.check_finite({"policy parameters": list(policy.parameters()), "critic parameters": list(critic.parameters())})
     explained_var = 1.0 - (b["returns"] - b["values"]).var() / (b["returns"].var() + 1e-8)
