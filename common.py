@@ -50,6 +50,7 @@ class EnvSpec:
     backend: str  # "gym", "dm_control" or "envpool"
     name: str | tuple[str, str]
     envpool_id: Optional[str] = None
+    action_repeat: int = 1  # simulator steps per agent step (each counts as an env step)
 
 
 @functools.lru_cache(maxsize=None)
@@ -155,9 +156,9 @@ class EpisodeLog:
         self.history: list[np.ndarray] = []  # one (num_envs, act_dim) array per vector step
         self.ret, self.length, self.step_seconds = np.zeros(num_envs), np.zeros(num_envs, np.int64), 0.0
 
-    def on_step(self, actions: np.ndarray, reward: np.ndarray, done: np.ndarray, infos: dict) -> None:
+    def on_step(self, actions: np.ndarray, reward: np.ndarray, done: np.ndarray, infos: dict, steps: int = 1) -> None:
         self.history.append(np.array(actions, copy=True))
-        self.ret, self.length = self.ret + reward, self.length + 1
+        self.ret, self.length = self.ret + reward, self.length + steps
         if done.any():
             ids = np.flatnonzero(done)
             infos["episodes"] = (ids, self.ret[ids], self.length[ids])
@@ -213,7 +214,19 @@ class VectorEnv:
         return np.stack([self.envs[i].reset(seed=None if seed is None else seed + int(i))[0] for i in ids])
 
     def _step(self, ids: np.ndarray, actions: np.ndarray):
-        """Step envs `ids` with `actions` (len(ids), act_dim): observations, rewards, terminated, truncated."""
+        """Step envs `ids` with `actions` (len(ids), act_dim), each held for `action_repeat` simulator steps (rewards
+        summed; an episode that ends stops there): observations, rewards, terminated, truncated."""
+        actions = np.asarray(actions)
+        obs, reward, term, trunc = self._sim_step(ids, actions)
+        for _ in range(self.spec.action_repeat - 1):
+            live = ~(term | trunc)
+            if not live.any():
+                break
+            obs[live], step_reward, term[live], trunc[live] = self._sim_step(ids[live], actions[live])
+            reward[live] += step_reward
+        return obs, reward, term, trunc
+
+    def _sim_step(self, ids: np.ndarray, actions: np.ndarray):
         if self.pool is not None:
             obs, reward, term, trunc, _ = self.pool.step(np.asarray(actions, np.float64), ids.astype(np.int32))
             return flatten(obs, self.keys, len(ids)), reward.astype(np.float64), term.astype(bool), trunc.astype(bool)
@@ -233,7 +246,7 @@ class VectorEnv:
             infos["final_obs"] = np.where(done[:, None], obs, 0.0)
             obs[done] = self._reset(np.flatnonzero(done))
         self.log.step_seconds += time.perf_counter() - start
-        self.log.on_step(actions, reward, done, infos)
+        self.log.on_step(actions, reward, done, infos, self.spec.action_repeat)
         return obs, reward, terminated, truncated, infos
 
     def state_dict(self) -> dict:
@@ -302,9 +315,13 @@ def record_video(spec: EnvSpec, act: Callable, seed: int, path: str) -> float:
     obs, _ = env.reset(seed=seed)
     frames, total, done = [], 0.0, False
     while not done:
-        frames.append(env.render())
-        obs, reward, terminated, truncated, _ = env.step(act(obs[None])[0])
-        total, done = total + reward, terminated or truncated
+        action = act(obs[None])[0]
+        for _ in range(spec.action_repeat):  # every simulator step is a frame
+            frames.append(env.render())
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total, done = total + reward, terminated or truncated
+            if done:
+                break
     env.close()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     imageio.mimsave(path, frames, fps=50, macro_block_size=1)
@@ -477,7 +494,7 @@ class Run:
         torch.manual_seed(args.seed)
         torch.set_num_threads(args.torch_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-        self.env = resolve_env(args.env_id, args.env_backend)
+        self.env = dataclasses.replace(resolve_env(args.env_id, args.env_backend), action_repeat=args.action_repeat)
         name = f"{re.sub('[/:]', '_', args.env_id)}__{args.exp_name}__K{args.num_stages}__{args.seed}"
         self.run_dir = resume_dir or args.run_dir or os.path.join("runs", f"{name}__{int(time.time())}")
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")

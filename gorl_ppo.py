@@ -33,7 +33,9 @@ class Args:
     num_envs: int = 64
     """parallel envs; the policy and the decoder run batched across them"""
     num_steps: int = 32
-    """steps per env per rollout"""
+    """agent steps per env per rollout"""
+    action_repeat: int = 1
+    """simulator steps each action is held for (rewards summed); every simulator step counts as an env step"""
     # ---- PPO on the latent policy (Phase 1) ----
     learning_rate: float = 1e-3
     """Adam learning rate of the latent policy and the critic"""
@@ -283,7 +285,7 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
             logp, value = gaussian_log_prob(eps, mu, sigma), critic(s)
             u = decoder(raw, eps)  # pre-tanh action (N, d)
         obs, reward, terminated, truncated, infos = envs.step(torch.tanh(u).cpu().numpy())
-        run.count_env_steps(args.num_envs, infos)
+        run.count_env_steps(args.num_envs * args.action_repeat, infos)
         done = terminated | truncated
         final_values = torch.zeros(args.num_envs, device=run.device)
         if done.any():  # V of the true last observation: a truncated episode still bootstraps from it
@@ -456,10 +458,10 @@ def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
 
 def validate(args: Args) -> None:
     """Checks of this script's flags, before anything is created (common.Run checks the shared ones)."""
-    batch = args.num_envs * args.num_steps
-    if batch % args.num_minibatches:
-        raise common.UsageError(f"rollout of {batch} transitions (--num-envs {args.num_envs} x --num-steps "
-                                f"{args.num_steps}) does not split into --num-minibatches {args.num_minibatches}")
+    if (args.num_envs * args.num_steps) % args.num_minibatches:
+        raise common.UsageError(f"rollout of {args.num_envs * args.num_steps} transitions (--num-envs {args.num_envs} x "
+                                f"--num-steps {args.num_steps}) does not split into --num-minibatches {args.num_minibatches}")
+    batch = args.num_envs * args.num_steps * args.action_repeat  # env steps per rollout
     fresh = -(-args.decoder_fresh_steps // batch) * (args.num_stages - 1)
     ends = common.stage_ends(args.total_timesteps // batch - fresh, args.num_stages, args.stage_fractions)
     if min(np.diff([0] + ends)) < 1:
@@ -475,7 +477,7 @@ def validate(args: Args) -> None:
 if __name__ == "__main__":
     run = common.Run(Args, "gorl_ppo", validate, build_act)  # command line, --resume, --eval-only, logs
     args, device = run.args, run.device
-    batch_size = args.num_envs * args.num_steps
+    batch_size = args.num_envs * args.num_steps * args.action_repeat  # env steps per rollout
     fresh_rollouts = -(-args.decoder_fresh_steps // batch_size)  # collected at each boundary for the refit
     num_iterations = args.total_timesteps // batch_size - fresh_rollouts * (args.num_stages - 1)
     stage_end = common.stage_ends(num_iterations, args.num_stages, args.stage_fractions)  # in PPO iterations

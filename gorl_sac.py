@@ -34,6 +34,8 @@ class Args:
     """env steps, warm-up and all stages included"""
     num_envs: int = 1
     """parallel envs; each loop iteration adds num_envs transitions"""
+    action_repeat: int = 1
+    """simulator steps each action is held for (rewards summed); every simulator step counts as an env step"""
     learning_starts: int = 5_000
     """env steps of uniformly random actions before updates begin"""
     # ---- SAC on the latent actor (Phase 1) ----
@@ -63,6 +65,8 @@ class Args:
     """width of actor and critic MLPs"""
     layers: int = 2
     """hidden layers of actor and critic MLPs"""
+    critic_layernorm: bool = False
+    """LayerNorm (no affine) before each hidden activation of the critics"""
     # ---- GoRL stages ----
     num_stages: int = 2
     """K: RL stages, K - 1 decoder refits; 1 is the tanh-Gaussian SAC twin"""
@@ -181,10 +185,11 @@ class EnsembleLinear(nn.Module):
 class TwinQ(nn.Module):
     """Q_1(s, a), Q_2(s, a) on env actions, evaluated together in one batched forward."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, layernorm: bool = False):
         super().__init__()
-        dims = [obs_dim + act_dim] + [hidden] * layers
-        mods = [m for a, b in zip(dims[:-1], dims[1:]) for m in (EnsembleLinear(2, a, b), nn.ReLU())]
+        dims, norm = [obs_dim + act_dim] + [hidden] * layers, (lambda n: nn.LayerNorm(n, elementwise_affine=False))
+        mods = [m for a, b in zip(dims[:-1], dims[1:])
+                for m in (EnsembleLinear(2, a, b), *([norm(b)] if layernorm else []), nn.ReLU())]
         self.net = nn.Sequential(*mods, EnsembleLinear(2, hidden, 1))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
@@ -487,7 +492,7 @@ if __name__ == "__main__":
     envs = common.VectorEnv(run.env, args.num_envs, args.seed, args.env_threads)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]  # latent dim = |A|
     actor = LatentActor(obs_dim, act_dim, args.hidden, args.layers).to(device)
-    qf = TwinQ(obs_dim, act_dim, args.hidden, args.layers).to(device)
+    qf = TwinQ(obs_dim, act_dim, args.hidden, args.layers, args.critic_layernorm).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device).requires_grad_(False)  # only refit in Phase 2
@@ -516,7 +521,7 @@ if __name__ == "__main__":
                     a_t, u_t, _, _, _ = sample_action(actor, decoder, torch.as_tensor(obs, device=device))
                 action, u = a_t.cpu().numpy(), u_t.cpu().numpy()
             next_obs, reward, terminated, truncated, infos = envs.step(action)
-            run.count_env_steps(args.num_envs, infos)
+            run.count_env_steps(args.num_envs * args.action_repeat, infos)
             real_next_obs = next_obs.copy()  # the true next state: a truncated episode still bootstraps from it
             if "final_obs" in infos:
                 done = terminated | truncated

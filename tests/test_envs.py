@@ -1,5 +1,7 @@
 """common.py: env ids, backends, SAME_STEP autoreset semantics, evaluation pairing."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -110,3 +112,26 @@ def test_auto_backend_avoids_envpool_where_its_port_differs():
     assert common.resolve_env("finger-spin", "envpool").backend == "envpool"  # still reachable on request
     assert common.resolve_env("cheetah-run", "auto").backend == "envpool"
     assert common.resolve_env("Pendulum-v1", "auto").backend == "gym"
+
+
+@pytest.mark.parametrize("backend", ["envpool", "dm_control"])
+def test_action_repeat_holds_the_action_and_sums_rewards(backend):
+    spec = common.resolve_env("cartpole-balance", backend)
+    once, twice = common.VectorEnv(spec, 2, 0), common.VectorEnv(dataclasses.replace(spec, action_repeat=2), 2, 0)
+    once.reset(), twice.reset()
+    actions = np.random.default_rng(0).uniform(-1, 1, (500, 2, 1)).astype(np.float32)
+    for step, a in enumerate(actions, 1):
+        obs_1, r_1, *_ = once.step(a)
+        obs_1, r_2, _, truncated_1, infos_1 = once.step(a)
+        obs_2, r, _, truncated_2, infos = twice.step(a)
+        assert np.allclose(r, r_1 + r_2) and (truncated_1 == truncated_2).all() and np.array_equal(obs_1, obs_2)
+    assert truncated_2.all() and np.array_equal(infos_1["final_obs"], infos["final_obs"])  # 1000 simulator steps
+    assert (infos["episodes"][2] == 1000).all()  # episode lengths are counted in simulator steps
+
+
+def test_action_repeat_stops_at_the_episode_end():
+    spec = dataclasses.replace(common.resolve_env("tests.toy_envs:Toy-v0"), action_repeat=3)
+    envs = common.VectorEnv(spec, 1, 0)
+    envs.reset()
+    ends = [step for step in range(1, 15) if envs.step(np.zeros((1, 2), np.float32))[3].any()]
+    assert ends == [7, 14]  # 20-step episodes: six full repeats, then 2 of 3 steps

@@ -33,6 +33,14 @@ SMOKE = ["--env-id", "cartpole-balance", "--num-envs", "8", "--num-steps", "32",
          "--decoder-targets", "executed", "--decoder-fresh-steps", "256"]
 
 
+def test_action_repeat_counts_simulator_steps(tmp_path):
+    args = SMOKE[:SMOKE.index("--num-stages")] + ["--num-stages", "1", "--action-repeat", "2", "--run-dir", "r"]
+    result = run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(read_eval_csv(tmp_path / "r")[-1]["global_step"]) == 2560  # 5 rollouts of 8 envs x 32 actions x 2
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["obs_rms"]["count"] == 5 * 256
+
+
 def test_smoke_three_stages_writes_logs_and_a_checkpoint_that_reproduces_the_return(tmp_path):
     result = run(SMOKE, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
