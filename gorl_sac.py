@@ -55,10 +55,12 @@ class Args:
     """Adam learning rate of the twin critics and of alpha"""
     policy_frequency: int = 2
     """the actor (and alpha) takes this many steps every this-many critic updates"""
-    alpha: float = 0.2
-    """entropy coefficient when --no-autotune"""
+    alpha: float = 1.0
+    """entropy coefficient (its starting value with --autotune)"""
     autotune: bool = True
-    """tune alpha so the entropy estimate tracks -action_dim"""
+    """tune alpha so the entropy estimate tracks --entropy-target x action_dim"""
+    entropy_target: float = -1.0
+    """target entropy per action dimension"""
     kl_coef: float = 1e-3
     """beta: weight of KL(pi_theta(.|s) || N(0, I)) in the actor loss"""
     hidden: int = 256
@@ -469,8 +471,9 @@ def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
 
 def validate(args: Args) -> None:
     """Checks of this script's flags, before anything is created (common.Run checks the shared ones)."""
-    if args.updates_per_step <= 0:
-        raise common.UsageError(f"--updates-per-step must be positive, got {args.updates_per_step}")
+    for name in ("updates_per_step", "alpha"):
+        if getattr(args, name) <= 0:
+            raise common.UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.learning_starts < args.batch_size:
         raise common.UsageError(f"--learning-starts {args.learning_starts} is less than one --batch-size "
                                 f"{args.batch_size}")
@@ -498,9 +501,9 @@ if __name__ == "__main__":
                           args.decoder_split_first_layer).to(device).requires_grad_(False)  # only refit in Phase 2
     actor_optimizer = torch.optim.Adam(actor.parameters(), lr=args.policy_lr, fused=True)
     q_optimizer = torch.optim.Adam(qf.parameters(), lr=args.q_lr, fused=True)
-    log_alpha = torch.zeros(1, device=device, requires_grad=True)
+    log_alpha = torch.full((1,), float(np.log(args.alpha)), device=device, requires_grad=True)
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr, fused=True)
-    target_entropy = -float(act_dim)
+    target_entropy = args.entropy_target * act_dim
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
     obs = run.restore(envs, actor=actor, qf=qf, qf_target=qf_target, decoder=decoder, log_alpha=log_alpha,
                       actor_optimizer=actor_optimizer, q_optimizer=q_optimizer, alpha_optimizer=alpha_optimizer,
