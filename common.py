@@ -25,23 +25,17 @@ import torch
 import tyro
 
 if "MUJOCO_GL" not in os.environ and not os.environ.get("DISPLAY"):
-    # Headless: pick a renderer that exists, so dm_control does not try (and warn about) GLFW.
-    import ctypes.util
-
+    import ctypes.util  # headless: pick a renderer that exists, so dm_control does not try (and warn about) GLFW
     os.environ["MUJOCO_GL"] = next(
         (gl for gl, lib in (("egl", "EGL"), ("osmesa", "OSMesa")) if ctypes.util.find_library(lib)), "disable")
-
 
 class UsageError(ValueError):
     """A bad argument or file given by the user: printed as one line, exit code 2, nothing created."""
 
-
-# ---- environments ----
 BACKENDS = ("auto", "envpool", "dm_control")
 # envpool's C++ finger differs from dm_control's (the spinner's hinge velocity spreads 0.65-0.74x as wide; a
 # random policy scores 0.06 vs 0.50 on finger-spin), so `auto` avoids it (README, details).
 ENVPOOL_MISMATCHED_DOMAINS = ("finger",)
-
 
 @dataclasses.dataclass(frozen=True)
 class EnvSpec:
@@ -52,11 +46,9 @@ class EnvSpec:
     envpool_id: Optional[str] = None
     action_repeat: int = 1  # simulator steps per agent step (each counts as an env step)
 
-
 @functools.lru_cache(maxsize=None)
 def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
-    """Accepts `domain-task` (`hopper-stand`), `dm_control/domain-task-v0`, any registered gymnasium id, and
-    `module:EnvId-v0` (an env registered when `module` is imported)."""
+    """Accepts `domain-task`, `dm_control/domain-task-v0`, gymnasium ids and `module:EnvId-v0` (module registers it)."""
     if backend not in BACKENDS:
         raise UsageError(f"unknown --env-backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     name = env_id
@@ -78,7 +70,6 @@ def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
             raise UsageError(f"--env-id {env_id!r} has unbounded actions; GoRL needs finite Box bounds")
         return EnvSpec(env_id, "gym", name)
     from dm_control import suite
-
     name = re.sub(r"^dm_control/(.*?)(-v0)?$", r"\1", name)
     domain, _, task = name.partition("-")
     if (domain, task) not in suite.ALL_TASKS:
@@ -88,7 +79,6 @@ def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
                          f"'dm_control/domain-task-v0', or a registered gymnasium id"
                          + (f"; did you mean {', '.join(close)}?" if close else ""))
     import envpool
-
     pool_id = "".join(part.capitalize() for part in f"{domain}_{task}".split("_")) + "-v1"
     pool_id = pool_id if pool_id in envpool.list_all_envs() else None
     if backend == "envpool" and pool_id is None:
@@ -97,16 +87,12 @@ def resolve_env(env_id: str, backend: str = "auto") -> EnvSpec:
         backend = "envpool" if pool_id and domain not in ENVPOOL_MISMATCHED_DOMAINS else "dm_control"
     return EnvSpec(env_id, backend, (domain, task), pool_id if backend == "envpool" else None)
 
-
 class DMCEnv(gym.Env):
-    """A dm_control suite task as a gymnasium env: flat float32 observations, the time limit as truncation
-    (written by hand, as it runs at the raw simulator rate)."""
-    metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
-    render_mode = "rgb_array"
+    """A dm_control suite task as a gymnasium env: flat float32 observations, the time limit as truncation."""
+    metadata, render_mode = {"render_modes": ["rgb_array"], "render_fps": 50}, "rgb_array"
 
     def __init__(self, domain: str, task: str, seed: Optional[int] = None):
         from dm_control import suite
-
         self._env = suite.load(domain, task, task_kwargs={"random": seed})
         spec, self.keys = self._env.action_spec(), list(self._env.observation_spec())
         obs_dim = sum(int(np.prod(v.shape)) for v in self._env.observation_spec().values())
@@ -126,86 +112,40 @@ class DMCEnv(gym.Env):
     def render(self):
         return self._env.physics.render(240, 240, camera_id=0)
 
-
 def flatten(obs: dict, keys: list[str], batch: Optional[int] = None) -> np.ndarray:
     """dm_control's observation dict as one float32 vector, or `batch` of them, in the task's key order."""
     shape = (-1,) if batch is None else (batch, -1)
     return np.concatenate([np.asarray(obs[k], np.float32).reshape(shape) for k in keys], axis=-1)
 
-
 def make_env(spec: EnvSpec, seed: int) -> gym.Env:
     """One env with actions in [-1, 1] (the tanh output is mapped affinely onto the env's bounds)."""
-    if spec.backend == "gym":
-        env = gym.make(spec.name, render_mode="rgb_array")
-        env = gym.wrappers.DtypeObservation(gym.wrappers.FlattenObservation(env), np.float32)
-    else:
-        env = DMCEnv(*spec.name, seed=seed)
+    env = DMCEnv(*spec.name, seed=seed) if spec.backend != "gym" else gym.wrappers.DtypeObservation(
+        gym.wrappers.FlattenObservation(gym.make(spec.name, render_mode="rgb_array")), np.float32)
     if not (np.all(env.action_space.low == -1.0) and np.all(env.action_space.high == 1.0)):
         env = gym.wrappers.RescaleAction(env, -1.0, 1.0)
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env
 
-
-class EpisodeLog:
-    """Per-env running return and length, and what rebuilds each env exactly on --resume: its resets and actions
-    since. Replaying them into fresh envs is bit-exact (envpool cannot save its state; MuJoCo pickles unportably)."""
-
-    def __init__(self, num_envs: int):
-        self.resets, self.start = np.zeros(num_envs, np.int64), np.zeros(num_envs, np.int64)
-        self.history: list[np.ndarray] = []  # one (num_envs, act_dim) array per vector step
-        self.ret, self.length, self.step_seconds = np.zeros(num_envs), np.zeros(num_envs, np.int64), 0.0
-
-    def on_step(self, actions: np.ndarray, reward: np.ndarray, done: np.ndarray, infos: dict, steps: int = 1) -> None:
-        self.history.append(np.array(actions, copy=True))
-        self.ret, self.length = self.ret + reward, self.length + steps
-        if done.any():
-            ids = np.flatnonzero(done)
-            infos["episodes"] = (ids, self.ret[ids], self.length[ids])
-            self.ret, self.length = self.ret * ~done, self.length * ~done
-            self.on_reset(ids)
-
-    def on_reset(self, ids) -> None:
-        self.resets[ids] += 1
-        self.start[ids] = len(self.history)
-        drop = int(self.start.min())  # steps no running episode needs any more
-        del self.history[:drop]
-        self.start -= drop
-
-    def state_dict(self) -> dict:
-        return copy.deepcopy(vars(self))
-
-    def load_state_dict(self, state: dict) -> None:
-        vars(self).update(copy.deepcopy(state))
-
-    def replay_plan(self):
-        """('reset', ids, None), then ('step', ids, actions (len(ids), act_dim)), in replay order."""
-        for k in range(1, int(self.resets.max())):
-            yield "reset", np.flatnonzero(self.resets > k), None
-        for j in range(int(self.start.min()), len(self.history)):
-            ids = np.flatnonzero(self.start <= j)
-            yield "step", ids, self.history[j][ids]
-
-
 class VectorEnv:
     """`num_envs` envs in gymnasium's SAME_STEP autoreset mode: a finished episode's last observation is in
-    infos["final_obs"] (dense, (num_envs, obs_dim)); the returned observation is the next episode's first."""
+    infos["final_obs"] (dense, (num_envs, obs_dim)); the returned observation is the next episode's first.
+    state_dict() is each env's resets and actions since: replayed into fresh envs on --resume, it rebuilds them
+    bit-exactly (envpool cannot save its state; MuJoCo pickles unportably)."""
+    STATE = ("resets", "start", "history", "ret", "length", "step_seconds")
 
     def __init__(self, spec: EnvSpec, num_envs: int, seed: int, threads: int = 1):
         self.spec, self.num_envs, self.seed, self.pool = spec, num_envs, seed, None
         if spec.backend == "envpool":  # dm_control's C++ port: 2-3x the Python suite's rate
             import envpool
-
             self.pool = envpool.make_gymnasium(spec.envpool_id, num_envs=num_envs, seed=seed, num_threads=threads)
-            self.keys = DMCEnv(*spec.name).keys
-            obs_dim = sum(int(np.prod(self.pool.observation_space[k].shape)) for k in self.keys)
-            act_shape = self.pool.action_space.shape
+            first = DMCEnv(*spec.name)  # the Python suite's layout: flatten() uses its key order for both backends
+            self.keys = first.keys
         else:
             self.envs = [make_env(spec, seed + i) for i in range(num_envs)]
-            obs_dim, act_shape = self.envs[0].observation_space.shape[0], self.envs[0].action_space.shape
-        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-        self.single_action_space = gym.spaces.Box(-1.0, 1.0, act_shape, np.float32)
-        self.log = EpisodeLog(num_envs)
+            first = self.envs[0]
+        self.single_observation_space = gym.spaces.Box(-np.inf, np.inf, first.observation_space.shape, np.float32)
+        self.single_action_space = gym.spaces.Box(-1.0, 1.0, first.action_space.shape, np.float32)
 
     def _reset(self, ids: np.ndarray, seed: Optional[int] = None) -> np.ndarray:
         """The first observations of envs `ids` (env i reseeded with seed + i if `seed` is given)."""
@@ -214,8 +154,8 @@ class VectorEnv:
         return np.stack([self.envs[i].reset(seed=None if seed is None else seed + int(i))[0] for i in ids])
 
     def _step(self, ids: np.ndarray, actions: np.ndarray):
-        """Step envs `ids` with `actions` (len(ids), act_dim), each held for `action_repeat` simulator steps (rewards
-        summed; an episode that ends stops there): observations, rewards, terminated, truncated."""
+        """Step envs `ids`, each action held `action_repeat` simulator steps (rewards summed; an episode's end stops
+        it): observations, rewards, terminated, truncated."""
         actions = np.asarray(actions)
         obs, reward, term, trunc = self._sim_step(ids, actions)
         for _ in range(self.spec.action_repeat - 1):
@@ -234,38 +174,51 @@ class VectorEnv:
         return np.stack(obs), np.array(reward, np.float64), np.array(term, bool), np.array(trunc, bool)
 
     def reset(self, seed=None):
-        self.log = EpisodeLog(self.num_envs)
-        self.log.on_reset(np.arange(self.num_envs))
-        return self._reset(np.arange(self.num_envs), self.seed), {}
+        n = self.num_envs
+        self.resets, self.start, self.history = np.ones(n, np.int64), np.zeros(n, np.int64), []
+        self.ret, self.length, self.step_seconds = np.zeros(n), np.zeros(n, np.int64), 0.0
+        return self._reset(np.arange(n), self.seed), {}
 
     def step(self, actions: np.ndarray):
         start = time.perf_counter()
         obs, reward, terminated, truncated = self._step(np.arange(self.num_envs), actions)
         done, infos = terminated | truncated, {}
-        if done.any():
+        ids = np.flatnonzero(done)
+        if len(ids):
             infos["final_obs"] = np.where(done[:, None], obs, 0.0)
-            obs[done] = self._reset(np.flatnonzero(done))
-        self.log.step_seconds += time.perf_counter() - start
-        self.log.on_step(actions, reward, done, infos, self.spec.action_repeat)
+            obs[ids] = self._reset(ids)
+        self.step_seconds += time.perf_counter() - start
+        self.history.append(np.array(actions, copy=True))  # one (num_envs, act_dim) array per step
+        self.ret, self.length = self.ret + reward, self.length + self.spec.action_repeat
+        if len(ids):
+            infos["episodes"] = (ids, self.ret[ids], self.length[ids])
+            self.ret, self.length = self.ret * ~done, self.length * ~done
+            self.resets[ids] += 1
+            self.start[ids] = len(self.history)
+            drop = int(self.start.min())  # steps no running episode needs any more
+            del self.history[:drop]
+            self.start -= drop
         return obs, reward, terminated, truncated, infos
 
     def state_dict(self) -> dict:
-        return self.log.state_dict()
+        return copy.deepcopy({name: getattr(self, name) for name in self.STATE})
 
     def load_state_dict(self, state: dict) -> np.ndarray:
-        """Bring freshly built envs to the saved state (EpisodeLog); returns the current observations."""
+        """Bring freshly built envs to the saved state: redo their resets, then the actions since; the observations."""
         obs, _ = self.reset()
-        self.log.load_state_dict(state)
-        for kind, ids, actions in self.log.replay_plan():
-            obs[ids] = self._reset(ids) if kind == "reset" else self._step(ids, actions)[0]
+        vars(self).update(copy.deepcopy(state))
+        for k in range(1, int(self.resets.max())):
+            ids = np.flatnonzero(self.resets > k)
+            obs[ids] = self._reset(ids)
+        for j in range(int(self.start.min()), len(self.history)):
+            ids = np.flatnonzero(self.start <= j)
+            obs[ids] = self._step(ids, self.history[j][ids])[0]
         return obs
 
     def close(self) -> None:
         for env in [self.pool] if self.pool is not None else self.envs:
             env.close()
 
-
-# ---- observation statistics, evaluation and videos ----
 class RunningMeanStd:
     """Exact running mean/variance over all observations seen (parallel Chan et al. update)."""
 
@@ -292,7 +245,6 @@ class RunningMeanStd:
     def copy(self) -> RunningMeanStd:
         return copy.deepcopy(self)
 
-
 def evaluate(spec: EnvSpec, act: Callable[[np.ndarray], np.ndarray], num_episodes: int, seed: int) -> np.ndarray:
     """Return of the first episode of `num_episodes` fresh envs (env i seeded seed + i), stepped as one batch: fixed
     seeds pair evaluations. `act` maps raw observations (B, obs_dim) to actions in [-1, 1] (B, act_dim)."""
@@ -306,14 +258,11 @@ def evaluate(spec: EnvSpec, act: Callable[[np.ndarray], np.ndarray], num_episode
     envs.close()
     return returns
 
-
 def record_video(spec: EnvSpec, act: Callable, seed: int, path: str) -> float:
     """One episode rendered by the Python simulator (envpool does not render) to an mp4; its return."""
     import imageio.v2 as imageio
-
-    env = make_env(spec, seed)
+    env, frames, total, done = make_env(spec, seed), [], 0.0, False
     obs, _ = env.reset(seed=seed)
-    frames, total, done = [], 0.0, False
     while not done:
         action = act(obs[None])[0]
         for _ in range(spec.action_repeat):  # every simulator step is a frame
@@ -326,7 +275,6 @@ def record_video(spec: EnvSpec, act: Callable, seed: int, path: str) -> float:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     imageio.mimsave(path, frames, fps=50, macro_block_size=1)
     return total
-
 
 def check_render(spec: EnvSpec) -> None:
     """Render one frame now, so a missing GL library fails before training, with one line."""
@@ -342,11 +290,8 @@ def check_render(spec: EnvSpec) -> None:
     finally:
         env.close()
 
-
-# ---- the run lifecycle ----
 EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag", "episode_returns"]
 MAY_BE_ZERO = ("seed", "eval_seed", "decoder_fresh_steps", "learning_starts")  # every other count must be > 0
-
 
 def stage_ends(budget: int, num_stages: int, fractions: tuple[float, ...]) -> list[int]:
     """Where each stage ends in a budget of env steps or iterations: by --stage-fractions, or stage 0 takes 2/3
@@ -354,7 +299,6 @@ def stage_ends(budget: int, num_stages: int, fractions: tuple[float, ...]) -> li
     rest = [(1.0 - 2 / 3) / (num_stages - 1)] * (num_stages - 1) if num_stages > 1 else []
     f = np.asarray(fractions or [2 / 3] + rest, dtype=np.float64)
     return [int(x) for x in np.round(np.cumsum(f) / f.sum() * budget)]
-
 
 def load_checkpoint(path: str, script: str) -> dict:
     if not os.path.isfile(path):
@@ -369,13 +313,15 @@ def load_checkpoint(path: str, script: str) -> dict:
         raise UsageError(f"checkpoint {path!r} was written by {payload['script']}.py, not {script}.py")
     return payload
 
+def saved_args(args_type, ckpt: dict):
+    """The arguments the checkpoint's run started with (a resumed run continues with them)."""
+    return args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
 
 def check_args(args) -> None:
     """The checks of the flags both scripts share, before anything is created."""
-    for field in dataclasses.fields(args):
-        value = getattr(args, field.name)
-        if type(value) is int and field.name not in MAY_BE_ZERO and value <= 0:
-            raise UsageError(f"--{field.name.replace('_', '-')} must be positive, got {value}")
+    for name, value in vars(args).items():
+        if type(value) is int and name not in MAY_BE_ZERO and value <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.eval_only and args.checkpoint is None:
         raise UsageError("--eval-only needs --checkpoint PATH")
     if args.eval_only:
@@ -390,7 +336,6 @@ def check_args(args) -> None:
     spec = resolve_env(args.env_id, args.env_backend)  # raises on unknown ids, backends and action spaces
     if args.capture_video:
         check_render(spec)
-
 
 def evaluate_checkpoint(args, saved, ckpt: dict, build_act: Callable) -> None:
     """--eval-only: the composite policy (and observation statistics) of `ckpt`, whose run had arguments `saved`."""
@@ -409,14 +354,11 @@ def evaluate_checkpoint(args, saved, ckpt: dict, build_act: Callable) -> None:
         ret = record_video(spec, build_act(ckpt, saved, device, seed), args.eval_seed, path)
         print(f"video: {path} (return {ret:.4f})")
 
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. a full disk); its message is one line."""
 
-
 def write_checkpoint(path: str, payload: dict) -> None:
-    """Atomic: write a temporary file, then rename it to `path`. On failure the temporary file goes, a file already
-    at `path` stays, and CheckpointWriteError names the OS error."""
+    """Atomic (a temporary file, then a rename): on failure the temporary file goes, a file already at `path` stays."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:  # a Python file: a failed write raises its OSError (torch's own message hides it)
@@ -425,38 +367,27 @@ def write_checkpoint(path: str, payload: dict) -> None:
     except (OSError, RuntimeError) as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        cause = err
-        while not isinstance(cause, OSError) and (cause.__cause__ or cause.__context__) is not None:
-            cause = cause.__cause__ or cause.__context__
+        cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__  # torch wraps the OSError
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err).strip().split("\n")[0]
         raise CheckpointWriteError(f"could not write checkpoint {path}: {reason}") from None
 
-
-def saved_args(args_type, ckpt: dict):
-    """The arguments the checkpoint's run started with (a resumed run continues with them)."""
-    return args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
-
-
 def part_state(part):
-    """What a checkpoint keeps of one part named in Run.restore."""
+    """What a checkpoint keeps of one part named in Run.restore (load_part puts it back)."""
     if isinstance(part, np.random.Generator):
         return part.bit_generator.state
     if isinstance(part, torch.Tensor):
         return part.detach().clone()
     return list(part) if isinstance(part, collections.deque) else part.state_dict()
 
-
 def load_part(part, state) -> None:
     if isinstance(part, np.random.Generator):
         part.bit_generator.state = state
     elif isinstance(part, torch.Tensor):
-        with torch.no_grad():
-            part.copy_(state)
+        part.data.copy_(state)
     elif isinstance(part, collections.deque):
         part.extend(state)
     else:
         part.load_state_dict(state)
-
 
 class Run:
     """Everything around the algorithm: the command line (--resume, --eval-only, one-line errors), the run directory
@@ -499,17 +430,15 @@ class Run:
         self.run_dir = resume_dir or args.run_dir or os.path.join("runs", f"{name}__{int(time.time())}")
         self.checkpoint_path = os.path.join(self.run_dir, "checkpoint.pt")
         self.global_step, self.stage = (ckpt["global_step"], ckpt["stage"]) if ckpt else (0, 0)
-        state = ckpt["run"] if ckpt else {"due_at": {"eval": 0, "video": args.video_interval,
-                                                     "checkpoint": args.checkpoint_interval},
-                                          "eval_rows": 0, "wall_time_s": 0.0, "seconds": {}}
+        state = ckpt["run"] if ckpt else {"eval_rows": 0, "wall_time_s": 0.0, "seconds": {}, "due_at": {
+            "eval": 0, "video": args.video_interval, "checkpoint": args.checkpoint_interval}}
         self.due_at, self.eval_rows, self.seconds = state["due_at"], state["eval_rows"], state["seconds"]
-        self.start_time, self.last_eval = time.time() - state["wall_time_s"], float("nan")
+        self.start_time = time.time() - state["wall_time_s"]
         self._open_logs(resume=ckpt is not None)
         self.interrupt_signal: Optional[int] = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         from tqdm import tqdm
-
         self.pbar = tqdm(total=args.total_timesteps, initial=self.global_step, unit="step", unit_scale=True,
                          mininterval=0.5, dynamic_ncols=True, disable=os.environ.get("GORL_NO_PROGRESS") == "1")
         self.make_act: Callable = lambda seed=None: None  # the script sets it: the composite policy as a function
@@ -533,23 +462,23 @@ class Run:
 
     def _open_logs(self, resume: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
-
         os.makedirs(self.run_dir, exist_ok=True)
-        csv_path = os.path.join(self.run_dir, "eval.csv")
-        if resume:  # drop rows logged after the checkpoint, so nothing is written twice
-            with open(csv_path, newline="") as f:
-                kept = f.readlines()[: 1 + self.eval_rows]
-            with open(csv_path, "w", newline="") as f:
-                f.writelines(kept)
-        # Events after the checkpoint's step are dropped too (purge_step); those at it were logged before it.
+        # Events after the checkpoint's step are dropped (purge_step); those at it were logged before it.
         self.writer = SummaryWriter(self.run_dir, purge_step=self.global_step + 1 if resume else None)
-        if not resume:
+        self.csv_file = open(os.path.join(self.run_dir, "eval.csv"), "r+" if resume else "a", newline="")
+        self.csv = csv.writer(self.csv_file, lineterminator="\n")
+        if resume:  # drop rows logged after the checkpoint, so nothing is written twice
+            kept = self.csv_file.readlines()[: 1 + self.eval_rows]
+            self.csv_file.seek(0)
+            self.csv_file.truncate()
+            self.csv_file.writelines(kept)
+        else:
+            self.csv.writerow(EVAL_COLUMNS)
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in sorted(vars(self.args).items())))
         self.wandb = None
         if self.args.track:
             import wandb
-
             name = os.path.basename(os.path.normpath(self.run_dir))  # so a resumed run continues its wandb run
             kwargs = dict(project=self.args.wandb_project_name, entity=self.args.wandb_entity, name=name,
                           config=vars(self.args), dir=self.run_dir, sync_tensorboard=True, save_code=True,
@@ -559,10 +488,6 @@ class Run:
             except Exception as err:
                 print(f"wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
                 self.wandb = wandb.init(mode="offline", **kwargs)
-        self.csv_file = open(csv_path, "a", newline="")
-        self.csv = csv.writer(self.csv_file, lineterminator="\n")
-        if not resume:
-            self.csv.writerow(EVAL_COLUMNS)
 
     def wall_time(self) -> float:
         """Seconds of training so far, across interruptions."""
@@ -572,7 +497,7 @@ class Run:
         """Tensorboard scalars at `step` (default: now), plus throughput and the stage."""
         step, wall = self.global_step if step is None else step, self.wall_time()
         scalars = {**scalars, "charts/stage": self.stage, "charts/SPS": self.global_step / wall,
-                   "charts/env_time_fraction": self.envs.log.step_seconds / wall,
+                   "charts/env_time_fraction": self.envs.step_seconds / wall,
                    **{f"charts/{k}_time_fraction": v / wall for k, v in self.seconds.items()}}
         for name, value in scalars.items():
             self.writer.add_scalar(name, float(value), step)
@@ -588,17 +513,15 @@ class Run:
     def timed(self, name: str):
         """`with run.timed("update"):` adds the block's seconds to charts/update_time_fraction."""
         start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        yield  # an exception here ends the run: its seconds no longer matter
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def print(self, message: str) -> None:
         self.pbar.write(message)
 
     def evaluate(self, tag: str) -> np.ndarray:
-        """Deterministic returns of the composite policy on the fixed eval seeds, as an eval.csv row.
-        tag: 'periodic', 'boundary_before', 'boundary_after' or 'final'."""
+        """Deterministic returns of the composite policy on the fixed eval seeds, as an eval.csv row tagged
+        'periodic', 'boundary_before', 'boundary_after' or 'final'."""
         returns = evaluate(self.env, self.make_act(), self.args.eval_episodes, self.args.eval_seed)
         self.csv.writerow([self.global_step, self.stage, f"{returns.mean():.4f}", f"{returns.std():.4f}",
                            f"{self.wall_time():.1f}", tag, " ".join(f"{r:.4f}" for r in returns)])
@@ -606,7 +529,6 @@ class Run:
         self.eval_rows += 1
         if tag in ("periodic", "final"):
             self.log({"eval/return_mean": returns.mean(), "eval/return_std": returns.std()})
-        self.last_eval = returns.mean()
         return returns
 
     def video(self, name: str) -> None:
@@ -625,8 +547,8 @@ class Run:
         """After each iteration: evaluate, film and checkpoint when due; on Ctrl-C / SIGTERM, checkpoint and exit."""
         self.pbar.update(self.global_step - self.pbar.n)
         if self.due("eval", self.args.eval_interval):
-            self.evaluate("periodic")
-            self.pbar.set_postfix(stage=f"{self.stage + 1}/{self.args.num_stages}", eval=f"{self.last_eval:.1f}",
+            returns = self.evaluate("periodic")
+            self.pbar.set_postfix(stage=f"{self.stage + 1}/{self.args.num_stages}", eval=f"{returns.mean():.1f}",
                                   sps=f"{self.global_step / self.wall_time():.0f}")
         if self.args.capture_video and self.due("video", self.args.video_interval):
             self.video("train")
@@ -641,8 +563,8 @@ class Run:
         self.save()
 
     def start_stage(self, stage: int) -> np.ndarray:
-        """After the refit and the reset: evaluate the new composite policy and checkpoint, so a crash later in the
-        stage does not repeat the refit. Returns the 'boundary_after' returns."""
+        """After the refit and the reset: evaluate the new composite policy ('boundary_after', returned) and
+        checkpoint, so a crash later in the stage does not repeat the refit."""
         self.stage = stage
         after = self.evaluate("boundary_after")
         self.video(f"stage{stage}_start")
@@ -676,12 +598,9 @@ class Run:
     def check_finite(self, named: dict) -> None:
         """Stop at once, naming the first non-finite value; the last checkpoint on disk stays good."""
         if (name := first_nonfinite(named)) is not None:
-            self.stop_nonfinite(name)
-
-    def stop_nonfinite(self, name: str) -> None:
-        kept = f"the last good checkpoint {self.checkpoint_path} stays" if os.path.exists(self.checkpoint_path) \
-            else "no checkpoint was written yet"
-        self._fail(f"non-finite {name} at stage {self.stage}, env step {self.global_step}; stopped ({kept})")
+            kept = f"the last good checkpoint {self.checkpoint_path} stays" if os.path.exists(self.checkpoint_path) \
+                else "no checkpoint was written yet"
+            self._fail(f"non-finite {name} at stage {self.stage}, env step {self.global_step}; stopped ({kept})")
 
     def _fail(self, message: str) -> None:
         """One line on stderr, the logs closed, exit code 1."""
@@ -696,7 +615,7 @@ class Run:
         self._close()
         print(f"final deterministic return {final.mean():.1f} +- {final.std():.1f}; {self.global_step} env steps in "
               f"{wall:.0f}s ({self.global_step / wall:.0f} steps/s{summary}, env "
-              f"{self.envs.log.step_seconds / wall:.0%} of wall time)")
+              f"{self.envs.step_seconds / wall:.0%} of wall time)")
 
     def _on_signal(self, signum, frame) -> None:
         if self.interrupt_signal is not None and signum == signal.SIGINT:
@@ -708,22 +627,17 @@ class Run:
     def _exit_interrupted(self, resume_from: Optional[str]) -> None:
         """resume_from: the checkpoint to resume from, None under --no-save-model."""
         self._close()
-        name = signal.Signals(self.interrupt_signal).name
-        if resume_from is None:
-            print(f"interrupted by {name} at env step {self.global_step}; no checkpoint (--no-save-model)", flush=True)
-        else:
-            print(f"interrupted by {name} at env step {self.global_step}; resume from {resume_from} with:\n"
-                  f"    python {self.script}.py --resume {self.run_dir}", flush=True)
+        how = "no checkpoint (--no-save-model)" if resume_from is None else \
+            f"resume from {resume_from} with:\n    python {self.script}.py --resume {self.run_dir}"
+        print(f"interrupted by {signal.Signals(self.interrupt_signal).name} at env step {self.global_step}; {how}",
+              flush=True)
         sys.exit(128 + self.interrupt_signal)
 
     def _close(self) -> None:
-        self.pbar.close()
-        self.envs.close()
-        self.writer.close()
-        self.csv_file.close()
+        for part in (self.pbar, self.envs, self.writer, self.csv_file):
+            part.close()
         if self.wandb is not None:
             self.wandb.finish()
-
 
 def first_nonfinite(named: dict) -> Optional[str]:
     """The name of the first value holding a NaN or inf: a tensor/number, or a list of tensors (parameters,
