@@ -315,7 +315,8 @@ def load_checkpoint(path: str, script: str) -> dict:
 
 def saved_args(args_type, ckpt: dict):
     """The arguments the checkpoint's run started with (a resumed run continues with them)."""
-    return args_type(**{k: v for k, v in ckpt["args"].items() if k in args_type.__dataclass_fields__})
+    saved = {"action_repeat": 1, **ckpt["args"]}  # checkpoints from before --action-repeat held each action once
+    return args_type(**{k: v for k, v in saved.items() if k in args_type.__dataclass_fields__})
 
 def check_args(args) -> None:
     """The checks of the flags both scripts share, before anything is created."""
@@ -339,7 +340,7 @@ def check_args(args) -> None:
 
 def evaluate_checkpoint(args, saved, ckpt: dict, build_act: Callable) -> None:
     """--eval-only: the composite policy (and observation statistics) of `ckpt`, whose run had arguments `saved`."""
-    spec = resolve_env(saved.env_id, saved.env_backend)
+    spec = dataclasses.replace(resolve_env(saved.env_id, saved.env_backend), action_repeat=saved.action_repeat)
     if args.capture_video:
         check_render(spec)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

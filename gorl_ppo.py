@@ -459,8 +459,9 @@ def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
 def validate(args: Args) -> None:
     """Checks of this script's flags, before anything is created (common.Run checks the shared ones)."""
     if (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise common.UsageError(f"rollout of {args.num_envs * args.num_steps} transitions (--num-envs {args.num_envs} x "
-                                f"--num-steps {args.num_steps}) does not split into --num-minibatches {args.num_minibatches}")
+        raise common.UsageError(f"rollout of {args.num_envs * args.num_steps} transitions (--num-envs {args.num_envs}"
+                                f" x --num-steps {args.num_steps}) does not split into --num-minibatches "
+                                f"{args.num_minibatches}")
     batch = args.num_envs * args.num_steps * args.action_repeat  # env steps per rollout
     fresh = -(-args.decoder_fresh_steps // batch) * (args.num_stages - 1)
     ends = common.stage_ends(args.total_timesteps // batch - fresh, args.num_stages, args.stage_fractions)

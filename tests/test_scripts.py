@@ -39,6 +39,10 @@ def test_action_repeat_counts_simulator_steps(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(read_eval_csv(tmp_path / "r")[-1]["global_step"]) == 2560  # 5 rollouts of 8 envs x 32 actions x 2
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=False)["obs_rms"]["count"] == 5 * 256
+    evaluated = run(["--eval-only", "--checkpoint", "r/checkpoint.pt"], tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]  # with the run's action repeat, the same return
+    final = read_eval_csv(tmp_path / "r")[-1]["return_mean"]
+    assert re.search(r"return (-?[\d.]+) \+-", evaluated.stdout).group(1) == final
 
 
 def test_smoke_three_stages_writes_logs_and_a_checkpoint_that_reproduces_the_return(tmp_path):
