@@ -34,7 +34,7 @@ class Args:
     """env steps, warm-up and all stages included"""
     num_envs: int = 1
     """parallel envs; each loop iteration adds num_envs transitions"""
-    action_repeat: int = 1
+    action_repeat: int = 2
     """simulator steps each action is held for (rewards summed); every simulator step counts as an env step"""
     learning_starts: int = 5_000
     """env steps of uniformly random actions before updates begin"""
@@ -43,8 +43,8 @@ class Args:
     """replay buffer capacity (transitions)"""
     batch_size: int = 128
     """transitions per gradient update"""
-    updates_per_step: float = 0.5
-    """critic updates per env step (update-to-data ratio)"""
+    updates_per_step: float = 1.0
+    """critic updates per env step, i.e. per simulator step (detail 11)"""
     gamma: float = 0.99
     """discount factor"""
     tau: float = 0.005
@@ -53,7 +53,7 @@ class Args:
     """Adam learning rate of the latent actor"""
     q_lr: float = 1e-3
     """Adam learning rate of the twin critics and of alpha"""
-    policy_frequency: int = 2
+    policy_frequency: int = 1
     """the actor (and alpha) takes this many steps every this-many critic updates"""
     alpha: float = 1.0
     """entropy coefficient (its starting value with --autotune)"""
@@ -67,7 +67,7 @@ class Args:
     """width of actor and critic MLPs"""
     layers: int = 2
     """hidden layers of actor and critic MLPs"""
-    critic_layernorm: bool = False
+    critic_layernorm: bool = True
     """LayerNorm (no affine) before each hidden activation of the critics"""
     # ---- GoRL stages ----
     num_stages: int = 2

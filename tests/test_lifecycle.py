@@ -150,7 +150,8 @@ def test_sac_stopped_by_sigterm_then_resumed_writes_the_same_eval_rows_and_keeps
     assert f"python gorl_sac.py --resume {os.path.relpath(run_dir, tmp_path)}" in out
     ckpt = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
     step = ckpt["global_step"]
-    assert ckpt["buffer"]["size"] == step and ckpt["buffer"]["data"]["obs"].shape[0] == step
+    transitions = step // ckpt["args"]["action_repeat"]  # one per action; each action is action_repeat env steps
+    assert ckpt["buffer"]["size"] == transitions and ckpt["buffer"]["data"]["obs"].shape[0] == transitions
     result = run("gorl_sac", ["--resume", run_dir], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert f"resuming {run_dir} at env step {step}" in result.stdout

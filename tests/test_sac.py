@@ -147,7 +147,7 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
     args = ["--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000", "--num-stages", "2",
             "--stage-fractions", "4", "1", "--hidden", "64", "--batch-size", "128", "--eval-interval", "100000",
             "--eval-episodes", "5", "--decoder-train-steps", "1500", "--decoder-data-steps", "2000", "--seed", "1",
-            "--updates-per-step", "1"]
+            "--updates-per-step", "1", "--action-repeat", "1", "--policy-frequency", "2", "--no-critic-layernorm"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,11 +193,13 @@ def test_the_actor_takes_one_step_per_critic_step(tmp_path):
     env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), "--env-id", "Pendulum-v1",
                              "--total-timesteps", "600", "--learning-starts", "200", "--batch-size", "32",
-                             "--hidden", "32", "--num-stages", "1", "--eval-episodes", "1", "--policy-frequency", "2"],
+                             "--hidden", "32", "--num-stages", "1", "--eval-episodes", "1", "--policy-frequency", "2",
+                             "--updates-per-step", "0.5", "--action-repeat", "1"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(glob.glob(str(tmp_path / "runs" / "*" / "checkpoint.pt"))[0], weights_only=False)
-    steps = {name: int(ckpt[name]["state"][0]["step"]) for name in ("q_optimizer", "actor_optimizer", "alpha_optimizer")}
+    names = ("q_optimizer", "actor_optimizer", "alpha_optimizer")
+    steps = {name: int(ckpt[name]["state"][0]["step"]) for name in names}
     assert steps == {"q_optimizer": 200, "actor_optimizer": 200, "alpha_optimizer": 200}, steps
 
 
