@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 import gorl_sac
@@ -71,10 +72,15 @@ def test_q_target_bootstraps_on_truncation_but_not_on_termination():
     assert torch.equal(truncated, running) and not torch.equal(truncated, terminal)
 
 
-def test_twin_critics_are_independent_networks_in_one_forward():
-    _, qf, _, _ = _nets()
+@pytest.mark.parametrize("layernorm", [False, True])
+def test_twin_critics_are_independent_networks_in_one_forward(layernorm):
+    torch.manual_seed(0)
+    qf = gorl_sac.TwinQ(5, 2, 32, 2, layernorm)
     q = qf(torch.randn(16, 5), torch.rand(16, 2))
     assert q.shape == (2, 16) and not torch.allclose(q[0], q[1])
+    q[0].sum().backward()  # no parameter is shared: critic 2's weights get no gradient from critic 1's loss
+    assert all(p.grad[1].abs().max() == 0 and p.grad[0].abs().max() > 0 for p in qf.parameters())
+    assert sum(isinstance(m, torch.nn.LayerNorm) for m in qf.modules()) == (2 if layernorm else 0)
 
 
 def test_buffer_latest_is_time_ordered_and_survives_a_refit():
