@@ -11,8 +11,8 @@ their files. It starts a run as
     gorl_<script>.py --env-id ENV --seed SEED --total-timesteps N --run-dir OUT/runs/NAME
                      --exp-name VARIANT [--num-stages 1] [--ppo-args / --sac-args]
 
-(NAME = <script>__<env>__<variant>__s<seed>; every twin runs from its first step), continues it
-with `gorl_<script>.py --resume OUT/runs/NAME`, and reads two files of the run directory:
+(NAME = <script>__<env>__<variant>__s<seed>), continues it with `gorl_<script>.py --resume OUT/runs/NAME`,
+and reads two files of the run directory:
 eval.csv (the run is finished once its last row's tag is 'final') and checkpoint.pt (present: the
 run can be resumed). So the grid is resumable: finished runs are skipped, a run with a checkpoint
 is resumed, anything else starts afresh (a run directory without a checkpoint is deleted first).
@@ -24,6 +24,13 @@ Runs use a copy of the scripts made when the grid first runs anything: OUT/code/
 top-level *.py of --code (default: this repository) and COMMIT, the git commit it was copied from,
 so editing the repository does not change a grid in progress. Delete OUT/code/ to take up the
 current scripts. Run directories, logs and the copy stay on the machine (.gitignore).
+
+Twins branch from their GoRL sibling (--branch-twins, on by default): with the same seed and flags, GoRL's
+stage 0 is its twin's run step for step (the decoder is the identity until the first refit), so while a GoRL
+run trains, the runner keeps a copy of its newest stage-0 checkpoint (OUT/runs/NAME.stage0/, with eval.csv and
+the tensorboard events), and the twin starts from it as `--resume` of a run with `--num-stages 1`: a K=2 pair
+costs 4/3 of a run, not 2. Not with `--lr-schedule stage` or `--decoder-fresh-steps` (PPO), which make stage 0
+depend on the stages; a twin with no stage-0 copy runs from its first step.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ TASKS = ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-
 # The protocol's seeds: 3 per cell, 5 on hopper-stand (its outcomes vary most between seeds).
 SEEDS = (1, 2, 3)
 HOPPER_SEEDS = (1, 2, 3, 4, 5)
-STATES = ("done", "resume", "start")
+STATES = ("done", "resume", "branch", "start")
 
 
 @dataclass
@@ -73,6 +80,8 @@ class Args:
     """results folder: code/, runs/, logs/ (all uncommitted) and csv/"""
     code: str = REPO
     """folder whose gorl_ppo.py, gorl_sac.py and other top-level *.py files are copied to OUT/code/ once"""
+    branch_twins: bool = True
+    """start each twin from its GoRL sibling's newest stage-0 checkpoint, when the runner kept one"""
     workers: int = 2
     """runs at a time with --executor local (one per core here)"""
     executor: Literal["local", "submitit-local", "slurm"] = "local"
@@ -99,7 +108,7 @@ def grid(args: Args) -> list[dict]:
                         "name": f"{script}__{env_id}__{variant}__s{seed}", "script": script, "env_id": env_id,
                         "variant": variant, "seed": seed, "steps": args.ppo_steps if script == "ppo" else args.sac_steps,
                         "extra": (args.ppo_args if script == "ppo" else args.sac_args).split(),
-                        "out": os.path.abspath(args.out), "python": args.python,
+                        "out": os.path.abspath(args.out), "python": args.python, "branch": args.branch_twins,
                     })
     return jobs
 
@@ -116,21 +125,74 @@ def run_dir(job: dict) -> str:
     return os.path.join(job["out"], "runs", job["name"])
 
 
+def stage0_dir(job: dict) -> str:
+    """Where the runner keeps the newest stage-0 checkpoint of the job's GoRL sibling (the job itself if GoRL)."""
+    return os.path.join(job["out"], "runs", f"{job['script']}__{job['env_id']}__gorl__s{job['seed']}.stage0")
+
+
 def state(job: dict) -> str:
     """'done' (its run directory's or the committed OUT/csv/ eval.csv is finished), 'resume' (has a
-    checkpoint) or 'start'."""
+    checkpoint), 'branch' (a twin whose GoRL sibling left a stage-0 checkpoint) or 'start'."""
     if finished(os.path.join(run_dir(job), "eval.csv")) or finished(os.path.join(job["out"], "csv", f"{job['name']}.csv")):
         return "done"
-    return "resume" if os.path.exists(os.path.join(run_dir(job), "checkpoint.pt")) else "start"
+    if os.path.exists(os.path.join(run_dir(job), "checkpoint.pt")):
+        return "resume"
+    sibling = os.path.join(stage0_dir(job), "checkpoint.pt")
+    return "branch" if job["variant"] == "twin" and job["branch"] and os.path.exists(sibling) else "start"
 
 
 def command(job: dict) -> list[str]:
     script = os.path.join(job["out"], "code", f"gorl_{job['script']}.py")
-    if state(job) == "resume":
+    if state(job) in ("resume", "branch"):
         return [job["python"], script, "--resume", run_dir(job)]
     stages = ["--num-stages", "1"] if job["variant"] == "twin" else []
     return [job["python"], script, "--env-id", job["env_id"], "--seed", str(job["seed"]), "--total-timesteps",
             str(job["steps"]), "--run-dir", run_dir(job), "--exp-name", job["variant"], *stages, *job["extra"]]
+
+
+def branchable(saved_args: dict) -> bool:
+    """Is this GoRL run's stage 0 step for step its twin's run? Not when a PPO schedule spans a stage or the budget
+    sets env steps aside for fresh refit data."""
+    return saved_args.get("lr_schedule") != "stage" and not saved_args.get("decoder_fresh_steps")
+
+
+def keep_stage0(job: dict, seen: Optional[int]) -> Optional[int]:
+    """If the GoRL run wrote a new checkpoint and it is still in stage 0, copy its run directory (checkpoint,
+    eval.csv, events) to stage0_dir. Returns the checkpoint's modification time, to call again with."""
+    import torch
+
+    try:
+        mtime = os.stat(os.path.join(run_dir(job), "checkpoint.pt")).st_mtime_ns
+    except FileNotFoundError:
+        return seen
+    if mtime == seen:
+        return seen
+    tmp = stage0_dir(job) + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_dir(job), tmp, ignore=shutil.ignore_patterns("videos", "*.tmp"))
+    try:
+        ckpt = torch.load(os.path.join(tmp, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    except Exception:  # not a checkpoint of the scripts: nothing to branch from
+        ckpt = {"stage": None}
+    if ckpt["stage"] == 0 and not ckpt["finished"] and branchable(ckpt["args"]):
+        shutil.rmtree(stage0_dir(job), ignore_errors=True)
+        os.replace(tmp, stage0_dir(job))
+    else:
+        shutil.rmtree(tmp)
+    return mtime
+
+
+def branch_twin(job: dict) -> int:
+    """The twin's run directory as its GoRL sibling's at a stage-0 checkpoint, the checkpoint's arguments those
+    of the twin's command (one stage); `--resume` continues it. Returns the step it branches at."""
+    import torch
+
+    shutil.copytree(stage0_dir(job), run_dir(job))
+    path = os.path.join(run_dir(job), "checkpoint.pt")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt["args"].update(num_stages=1, stage_fractions=(), exp_name="twin", run_dir=run_dir(job))
+    torch.save(ckpt, path)
+    return ckpt["global_step"]
 
 
 def run_job(job: dict) -> dict:
@@ -138,19 +200,27 @@ def run_job(job: dict) -> dict:
     status = state(job)
     eval_csv = os.path.join(run_dir(job), "eval.csv")
     if status != "done":
-        if status == "start" and os.path.exists(run_dir(job)):
+        if status in ("start", "branch") and os.path.exists(run_dir(job)):
             shutil.rmtree(run_dir(job))  # died before its first checkpoint: nothing to keep
         os.makedirs(os.path.join(job["out"], "logs"), exist_ok=True)
         cmd = command(job)
         with open(os.path.join(job["out"], "logs", f"{job['name']}.log"), "a") as log:
+            if status == "branch":
+                log.write(f"branched from {os.path.basename(stage0_dir(job))} at env step {branch_twin(job)}\n")
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=job["out"],
-                                   env=dict(os.environ, GORL_NO_PROGRESS="1"))
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=job["out"],
+                                    env=dict(os.environ, GORL_NO_PROGRESS="1"))
+            seen = None
+            while proc.poll() is None:  # a GoRL run: keep its newest stage-0 checkpoint for the twin
+                if job["variant"] == "gorl" and job["branch"]:
+                    seen = keep_stage0(job, seen)
+                time.sleep(0.5)
+            code = proc.returncode
         if code != 0 or not finished(eval_csv):
             why = f"exit {code}" if code != 0 else "exit 0 without a final evaluation"
             return {"name": job["name"], "status": f"failed ({why}, see logs/{job['name']}.log)"}
-        status = "finished"
+        status = "finished" if status != "branch" else "finished (branched)"
     if finished(eval_csv):  # absent when only the committed CSV is left (a fresh clone)
         os.makedirs(os.path.join(job["out"], "csv"), exist_ok=True)
         shutil.copyfile(eval_csv, os.path.join(job["out"], "csv", f"{job['name']}.csv"))
@@ -198,7 +268,8 @@ def main(args: Args) -> None:
         for job in jobs:
             print(f"{states[job['name']]:6s} {job['name']}: {' '.join(command(job))}")
         counts = {s: sum(v == s for v in states.values()) for s in STATES}
-        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['start']} to start")
+        print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['branch']} to branch, "
+              f"{counts['start']} to start")
         return
     todo = {f"gorl_{job['script']}.py" for job in jobs if states[job["name"]] != "done"}
     if todo:

@@ -39,7 +39,7 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     lines = result.stdout.splitlines()
     runs = [l for l in lines if l.startswith("start ")]
     # 2 scripts x 2 variants x (5 tasks x 3 seeds + hopper-stand x 5 seeds)
-    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 80 to start"
+    assert len(runs) == 80 and lines[-1] == "80 runs: 0 done, 0 to resume, 0 to branch, 80 to start"
     for task in ("cheetah-run", "finger-spin", "finger-turn_hard", "fish-swim", "hopper-stand", "walker-walk"):
         assert sum(f"__{task}__" in l for l in runs) == (20 if task == "hopper-stand" else 12)
     twins = [l for l in runs if "__twin__" in l]
@@ -156,7 +156,7 @@ def test_grid_skips_finished_runs_resumes_interrupted_ones_and_keeps_its_code_co
     assert sorted(os.listdir(out / "csv")) == ["ppo__toy__twin__s1.csv", "sac__toy__gorl__s1.csv", "sac__toy__twin__s1.csv"]
 
     dry = subprocess.run(grid + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 3 done, 1 to resume, 0 to start", dry.stdout + dry.stderr
+    assert dry.stdout.splitlines()[-1] == "4 runs: 3 done, 1 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
     resume = next(l for l in dry.stdout.splitlines() if l.startswith("resume "))
     assert resume.endswith(f"{out}/code/gorl_ppo.py --resume {out}/runs/ppo__toy__gorl__s1")
 
@@ -201,7 +201,7 @@ def test_committed_csvs_count_as_done_without_run_directories(tmp_path):
     grid = RUNNER + STUB_GRID + ["--code", str(tmp_path / "nowhere"), "--out", str(out)]
     env = dict(ENV, STUB_CALLS=str(calls))
     dry = subprocess.run(grid + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 3 done, 0 to resume, 1 to start", dry.stdout + dry.stderr
+    assert dry.stdout.splitlines()[-1] == "4 runs: 3 done, 0 to resume, 0 to branch, 1 to start", dry.stdout + dry.stderr
     assert next(l for l in dry.stdout.splitlines() if l.startswith("start ")).startswith("start  sac__toy__twin__s1: ")
     # To run anything, the runner needs the scripts: a --code without them is one line of error.
     bad = subprocess.run(grid, env=env, capture_output=True, text=True, timeout=120)
@@ -213,26 +213,39 @@ def test_committed_csvs_count_as_done_without_run_directories(tmp_path):
     assert sorted(os.listdir(out)) == ["csv"] and not calls.exists()
 
 
-def test_grid_runs_the_real_scripts(tmp_path):
+def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_rows(tmp_path):
     # Both scripts, GoRL and twin, one seed, on a toy env at a few hundred steps: the flags the runner
-    # passes and the files it reads (eval.csv with its 'final' row) are the scripts' own.
-    out = tmp_path / "grid"
-    grid = RUNNER + ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1",
-                     "--ppo-steps", "512", "--sac-steps", "800", "--out", str(out), "--workers", "2",
-                     "--ppo-args=--num-envs 4 --num-steps 32 --decoder-train-steps 50 --eval-episodes 2 "
-                     "--eval-interval 256",
-                     "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 50 "
-                     "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200"]
-    result = subprocess.run(grid, env=ENV, capture_output=True, text=True, timeout=300)
+    # passes and the files it reads (eval.csv with its 'final' row) are the scripts' own. One worker runs
+    # GoRL before its twin, so the twin starts from GoRL's stage-0 checkpoint; twins run again from their
+    # first step (--no-branch-twins) must give the same rows (the refit is long enough to be seen).
+    flags = ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "--ppo-steps", "512",
+             "--sac-steps", "800", "--ppo-args=--num-envs 4 --num-steps 32 --decoder-train-steps 1500 "
+             "--eval-episodes 2 --eval-interval 256",
+             "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 1500 "
+             "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200"]
+    out, scratch = tmp_path / "grid", tmp_path / "scratch"
+    result = subprocess.run(RUNNER + flags + ["--out", str(out), "--workers", "1"], env=ENV, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.count(": finished") == 4, result.stdout + result.stderr
+    assert result.stdout.count(": finished (branched)") == 2, result.stdout
+    result = subprocess.run(RUNNER + flags + ["--out", str(scratch), "--variants", "twin", "--no-branch-twins"],
+                            env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.count(": finished\n") == 2, result.stdout + result.stderr
     for script, steps in (("ppo", "512"), ("sac", "800")):
         gorl = _rows(out / "csv" / f"{script}__tests.toy_envs:Toy-v0__gorl__s1.csv")
         twin = _rows(out / "csv" / f"{script}__tests.toy_envs:Toy-v0__twin__s1.csv")
         assert gorl[-1]["tag"] == twin[-1]["tag"] == "final" and gorl[-1]["global_step"] == twin[-1]["global_step"] == steps
         assert any(r["tag"] == "boundary_after" for r in gorl) and {r["stage"] for r in gorl} == {"0", "1"}
         assert {r["stage"] for r in twin} == {"0"} and not any(r["tag"].startswith("boundary") for r in twin)
-    dry = subprocess.run(grid + ["--dry-run"], env=ENV, capture_output=True, text=True, timeout=120)
-    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to start", dry.stdout + dry.stderr
+        alone = _rows(scratch / "csv" / f"{script}__tests.toy_envs:Toy-v0__twin__s1.csv")
+        drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]
+        assert drop_wall(twin) == drop_wall(alone)
+        log = (out / "logs" / f"{script}__tests.toy_envs:Toy-v0__twin__s1.log").read_text()
+        branched_at = int(log.split("branched from ")[1].split(" at env step ")[1].split()[0])
+        assert 0 < branched_at < int(steps), log
+    dry = subprocess.run(RUNNER + flags + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True,
+                         timeout=120)
+    assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
 
 
 def _write_run(path, final, boundary=None):
