@@ -215,7 +215,7 @@ def run_job(job: dict) -> dict:
             while proc.poll() is None:  # a GoRL run: keep its newest stage-0 checkpoint for the twin
                 if job["variant"] == "gorl" and job["branch"]:
                     seen = keep_stage0(job, seen)
-                time.sleep(0.5)
+                time.sleep(0.2)
             code = proc.returncode
         if code != 0 or not finished(eval_csv):
             why = f"exit {code}" if code != 0 else "exit 0 without a final evaluation"

@@ -217,12 +217,12 @@ def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_
     # Both scripts, GoRL and twin, one seed, on a toy env at a few hundred steps: the flags the runner
     # passes and the files it reads (eval.csv with its 'final' row) are the scripts' own. One worker runs
     # GoRL before its twin, so the twin starts from GoRL's stage-0 checkpoint; twins run again from their
-    # first step (--no-branch-twins) must give the same rows (the refit is long enough to be seen).
+    # first step (--no-branch-twins) must give the same rows. Frequent checkpoints let the runner see one in stage 0.
     flags = ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "--ppo-steps", "512",
-             "--sac-steps", "800", "--ppo-args=--num-envs 4 --num-steps 32 --decoder-train-steps 1500 "
-             "--eval-episodes 2 --eval-interval 256",
-             "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 1500 "
-             "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200"]
+             "--sac-steps", "800", "--ppo-args=--num-envs 4 --num-steps 32 --decoder-train-steps 300 "
+             "--eval-episodes 2 --eval-interval 256 --checkpoint-interval 128",
+             "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 300 "
+             "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200 --checkpoint-interval 100"]
     out, scratch = tmp_path / "grid", tmp_path / "scratch"
     result = subprocess.run(RUNNER + flags + ["--out", str(out), "--workers", "1"], env=ENV, capture_output=True,
                             text=True, timeout=300)
