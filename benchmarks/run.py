@@ -28,16 +28,20 @@ current scripts. Run directories, logs and the copy stay on the machine (.gitign
 Twins branch from their GoRL sibling (--branch-twins, on by default): with the same seed and flags, GoRL's
 stage 0 is its twin's run step for step (the decoder is the identity until the first refit), so while a GoRL
 run trains, the runner keeps a copy of its newest stage-0 checkpoint (OUT/runs/NAME.stage0/, with eval.csv and
-the tensorboard events), and the twin starts from it as `--resume` of a run with `--num-stages 1`: a K=2 pair
-costs 4/3 of a run, not 2. Not with `--lr-schedule stage` or `--decoder-fresh-steps` (PPO), which make stage 0
-depend on the stages; a twin with no stage-0 copy runs from its first step.
+the tensorboard events), and a twin started later continues it as `--resume` of a run with `--num-stages 1`.
+A twin started after its sibling's stage 0 (the local pool runs each cell's GoRL seeds first) runs a third
+of a K=2 run. Not with `--lr-schedule stage` or `--decoder-fresh-steps` (PPO), which make stage 0 depend on
+the stages; a twin with no stage-0 copy from the same command and code (SLURM starts all at once) runs from
+its first step.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -130,24 +134,39 @@ def stage0_dir(job: dict) -> str:
     return os.path.join(job["out"], "runs", f"{job['script']}__{job['env_id']}__gorl__s{job['seed']}.stage0")
 
 
+def sibling_record(job: dict) -> dict:
+    """What a stage-0 copy must have come from to serve `job`'s twin: its GoRL sibling's command and code."""
+    gorl = dict(job, variant="gorl", name=f"{job['script']}__{job['env_id']}__gorl__s{job['seed']}")
+    commit = os.path.join(job["out"], "code", "COMMIT")
+    return {"command": start_command(gorl), "code": open(commit).read() if os.path.exists(commit) else None}
+
+
 def state(job: dict) -> str:
     """'done' (its run directory's or the committed OUT/csv/ eval.csv is finished), 'resume' (has a
-    checkpoint), 'branch' (a twin whose GoRL sibling left a stage-0 checkpoint) or 'start'."""
+    checkpoint), 'branch' (a twin whose GoRL sibling, same flags and code, left a stage-0 copy) or 'start'."""
     if finished(os.path.join(run_dir(job), "eval.csv")) or finished(os.path.join(job["out"], "csv", f"{job['name']}.csv")):
         return "done"
     if os.path.exists(os.path.join(run_dir(job), "checkpoint.pt")):
         return "resume"
-    sibling = os.path.join(stage0_dir(job), "checkpoint.pt")
-    return "branch" if job["variant"] == "twin" and job["branch"] and os.path.exists(sibling) else "start"
+    if job["variant"] == "twin" and job["branch"]:
+        with contextlib.suppress(OSError, ValueError):
+            with open(os.path.join(stage0_dir(job), "sibling.json")) as f:
+                if json.load(f) == sibling_record(job):
+                    return "branch"
+    return "start"
 
 
-def command(job: dict) -> list[str]:
+def start_command(job: dict) -> list[str]:
     script = os.path.join(job["out"], "code", f"gorl_{job['script']}.py")
-    if state(job) in ("resume", "branch"):
-        return [job["python"], script, "--resume", run_dir(job)]
     stages = ["--num-stages", "1"] if job["variant"] == "twin" else []
     return [job["python"], script, "--env-id", job["env_id"], "--seed", str(job["seed"]), "--total-timesteps",
             str(job["steps"]), "--run-dir", run_dir(job), "--exp-name", job["variant"], *stages, *job["extra"]]
+
+
+def command(job: dict) -> list[str]:
+    if state(job) in ("resume", "branch"):
+        return [job["python"], os.path.join(job["out"], "code", f"gorl_{job['script']}.py"), "--resume", run_dir(job)]
+    return start_command(job)
 
 
 def branchable(saved_args: dict) -> bool:
@@ -156,42 +175,71 @@ def branchable(saved_args: dict) -> bool:
     return saved_args.get("lr_schedule") != "stage" and not saved_args.get("decoder_fresh_steps")
 
 
-def keep_stage0(job: dict, seen: Optional[int]) -> Optional[int]:
-    """If the GoRL run wrote a new checkpoint and it is still in stage 0, copy its run directory (checkpoint,
-    eval.csv, events) to stage0_dir. Returns the checkpoint's modification time, to call again with."""
+def keep_stage0(job: dict, seen: Optional[int], log) -> Optional[int]:
+    """If the GoRL run wrote a new checkpoint and it is still in stage 0, copy it with the rows and events logged
+    up to it to stage0_dir (checkpoint first: eval.csv can only be newer). Returns the checkpoint's modification
+    time, to call again with."""
     import torch
 
+    path = os.path.join(run_dir(job), "checkpoint.pt")
     try:
-        mtime = os.stat(os.path.join(run_dir(job), "checkpoint.pt")).st_mtime_ns
+        mtime = os.stat(path).st_mtime_ns
     except FileNotFoundError:
         return seen
     if mtime == seen:
         return seen
     tmp = stage0_dir(job) + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_dir(job), tmp, ignore=shutil.ignore_patterns("videos", "*.tmp"))
     try:
-        ckpt = torch.load(os.path.join(tmp, "checkpoint.pt"), map_location="cpu", weights_only=False)
-    except Exception:  # not a checkpoint of the scripts: nothing to branch from
-        ckpt = {"stage": None}
-    if ckpt["stage"] == 0 and not ckpt["finished"] and branchable(ckpt["args"]):
-        shutil.rmtree(stage0_dir(job), ignore_errors=True)
-        os.replace(tmp, stage0_dir(job))
-    else:
-        shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        shutil.copyfile(path, os.path.join(tmp, "checkpoint.pt"))
+        for name in os.listdir(run_dir(job)):
+            if name == "eval.csv" or name.startswith("events.out.tfevents"):
+                shutil.copyfile(os.path.join(run_dir(job), name), os.path.join(tmp, name))
+        try:
+            ckpt = torch.load(os.path.join(tmp, "checkpoint.pt"), map_location="cpu", weights_only=False)
+            with open(os.path.join(tmp, "eval.csv")) as f:
+                complete = len(f.readlines()) >= 1 + ckpt["run"]["eval_rows"]
+        except Exception:  # not a checkpoint of the scripts: nothing to branch from
+            ckpt, complete = {"stage": None}, False
+        if complete and ckpt["stage"] == 0 and not ckpt["finished"] and branchable(ckpt["args"]):
+            with open(os.path.join(tmp, "sibling.json"), "w") as f:
+                json.dump(sibling_record(job), f)
+            old = stage0_dir(job) + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(stage0_dir(job), old)
+            os.replace(tmp, stage0_dir(job))
+            shutil.rmtree(old)
+        else:
+            shutil.rmtree(tmp)
+    except OSError as err:  # e.g. a full disk: the run goes on; its twin may run from its first step
+        log.write(f"runner: no stage-0 copy at this checkpoint ({err})\n")
     return mtime
 
 
 def branch_twin(job: dict) -> int:
     """The twin's run directory as its GoRL sibling's at a stage-0 checkpoint, the checkpoint's arguments those
-    of the twin's command (one stage); `--resume` continues it. Returns the step it branches at."""
+    of the twin's command (one stage), made aside and renamed into place; `--resume` continues it. Returns the
+    step it branches at."""
     import torch
 
-    shutil.copytree(stage0_dir(job), run_dir(job))
-    path = os.path.join(run_dir(job), "checkpoint.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    tmp = run_dir(job) + ".tmp"
+    for attempt in range(10):  # the sibling may replace the folder while it is copied: copy until consistent
+        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            shutil.copytree(stage0_dir(job), tmp)
+            ckpt = torch.load(os.path.join(tmp, "checkpoint.pt"), map_location="cpu", weights_only=False)
+            with open(os.path.join(tmp, "eval.csv")) as f:
+                if len(f.readlines()) >= 1 + ckpt["run"]["eval_rows"]:
+                    break
+        time.sleep(1.0)
+    else:
+        raise OSError(f"no consistent copy of {stage0_dir(job)}")
+    os.remove(os.path.join(tmp, "sibling.json"))
     ckpt["args"].update(num_stages=1, stage_fractions=(), exp_name="twin", run_dir=run_dir(job))
-    torch.save(ckpt, path)
+    torch.save(ckpt, os.path.join(tmp, "checkpoint.pt"))
+    os.replace(tmp, run_dir(job))
     return ckpt["global_step"]
 
 
@@ -202,11 +250,17 @@ def run_job(job: dict) -> dict:
     if status != "done":
         if status in ("start", "branch") and os.path.exists(run_dir(job)):
             shutil.rmtree(run_dir(job))  # died before its first checkpoint: nothing to keep
+        if status == "start" and job["variant"] == "gorl":
+            shutil.rmtree(stage0_dir(job), ignore_errors=True)  # a copy from an earlier attempt
         os.makedirs(os.path.join(job["out"], "logs"), exist_ok=True)
-        cmd = command(job)
         with open(os.path.join(job["out"], "logs", f"{job['name']}.log"), "a") as log:
             if status == "branch":
-                log.write(f"branched from {os.path.basename(stage0_dir(job))} at env step {branch_twin(job)}\n")
+                try:
+                    log.write(f"branched from {os.path.basename(stage0_dir(job))} at env step {branch_twin(job)}\n")
+                except OSError as err:
+                    status = "start"
+                    log.write(f"runner: no branch ({err}); the twin runs from its first step\n")
+            cmd = start_command(job) if status == "start" else command(job)
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=job["out"],
@@ -214,7 +268,7 @@ def run_job(job: dict) -> dict:
             seen = None
             while proc.poll() is None:  # a GoRL run: keep its newest stage-0 checkpoint for the twin
                 if job["variant"] == "gorl" and job["branch"]:
-                    seen = keep_stage0(job, seen)
+                    seen = keep_stage0(job, seen, log)
                 time.sleep(0.2)
             code = proc.returncode
         if code != 0 or not finished(eval_csv):

@@ -7,6 +7,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -246,6 +247,14 @@ def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_
     dry = subprocess.run(RUNNER + flags + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
+    # The stage-0 copy serves only a twin of its sibling's command and code: other flags start from the first step.
+    name = "sac__tests.toy_envs:Toy-v0__twin__s1"
+    shutil.rmtree(out / "runs" / name)
+    os.remove(out / "csv" / f"{name}.csv")
+    for steps, expected in (("800", "branch"), ("900", "start")):
+        dry = subprocess.run(RUNNER + [f if f != "800" else steps for f in flags] + ["--out", str(out), "--dry-run"],
+                             env=ENV, capture_output=True, text=True, timeout=120)
+        assert f"{expected:6s} {name}: " in dry.stdout, dry.stdout + dry.stderr
 
 
 def _write_run(path, final, boundary=None):
