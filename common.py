@@ -473,6 +473,7 @@ class Run:
             self.csv_file.seek(0)
             self.csv_file.truncate()
             self.csv_file.writelines(kept)
+            self.csv_file.flush()  # on disk now: a run killed before its next row must not lose them
         else:
             self.csv.writerow(EVAL_COLUMNS)
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(

@@ -165,6 +165,27 @@ def test_sac_stopped_by_sigterm_then_resumed_writes_the_same_eval_rows_and_keeps
 # ---- non-finite values stop the run; the last good checkpoint stays ----
 
 
+def test_resume_leaves_the_checkpoints_eval_rows_on_disk_at_once(tmp_path):
+    # --resume truncates eval.csv to the rows logged up to the checkpoint. Those rows must be on disk before
+    # training goes on: a resumed run killed before its next evaluation once left an empty eval.csv.
+    args = ["--env-id", "tests.toy_envs:Toy-v0", "--total-timesteps", "2000", "--learning-starts", "100",
+            "--batch-size", "32", "--hidden", "32", "--num-stages", "1", "--eval-episodes", "1",
+            "--eval-interval", "1000", "--checkpoint-interval", "100"]
+    code, out = interrupt_when("gorl_sac", args, tmp_path, "cut", lambda rows: len(rows) >= 1, signal.SIGTERM)
+    assert code == 143, out
+    run_dir = the_run_dir(tmp_path, "cut")
+    saved = eval_rows(run_dir)
+    assert len(saved) == torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)["run"]["eval_rows"]
+    proc = subprocess.Popen(script("gorl_sac") + ["--resume", run_dir], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(ENV, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if line.startswith("resuming"):  # printed after eval.csv was truncated, long before the next evaluation
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert saved and eval_rows(run_dir) == saved
+
+
 def test_first_nonfinite_names_the_first_bad_quantity():
     params = [torch.ones(3), torch.ones(2, 2)]
     assert common.first_nonfinite({"loss": torch.tensor(1.0), "alpha": 0.5, "params": params}) is None
