@@ -163,8 +163,8 @@ def start_command(job: dict) -> list[str]:
             str(job["steps"]), "--run-dir", run_dir(job), "--exp-name", job["variant"], *stages, *job["extra"]]
 
 
-def command(job: dict) -> list[str]:
-    if state(job) in ("resume", "branch"):
+def command(job: dict, status: str) -> list[str]:
+    if status in ("resume", "branch"):
         return [job["python"], os.path.join(job["out"], "code", f"gorl_{job['script']}.py"), "--resume", run_dir(job)]
     return start_command(job)
 
@@ -260,7 +260,7 @@ def run_job(job: dict) -> dict:
                 except OSError as err:
                     status = "start"
                     log.write(f"runner: no branch ({err}); the twin runs from its first step\n")
-            cmd = start_command(job) if status == "start" else command(job)
+            cmd = command(job, status)
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=job["out"],
@@ -320,7 +320,7 @@ def main(args: Args) -> None:
     states = {job["name"]: state(job) for job in jobs}
     if args.dry_run:
         for job in jobs:
-            print(f"{states[job['name']]:6s} {job['name']}: {' '.join(command(job))}")
+            print(f"{states[job['name']]:6s} {job['name']}: {' '.join(command(job, states[job['name']]))}")
         counts = {s: sum(v == s for v in states.values()) for s in STATES}
         print(f"{len(jobs)} runs: {counts['done']} done, {counts['resume']} to resume, {counts['branch']} to branch, "
               f"{counts['start']} to start")
