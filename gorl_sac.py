@@ -69,6 +69,8 @@ class Args:
     """hidden layers of actor and critic MLPs"""
     critic_layernorm: bool = True
     """LayerNorm (no affine) before each hidden activation of the critics"""
+    num_critics: int = 2
+    """critics; targets and the actor use their minimum (2: clipped double Q; 1: a single critic)"""
     # ---- GoRL stages ----
     num_stages: int = 2
     """K: RL stages, K - 1 decoder refits; 1 is the tanh-Gaussian SAC twin"""
@@ -184,18 +186,19 @@ class EnsembleLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight)
 
 
-class TwinQ(nn.Module):
-    """Q_1(s, a), Q_2(s, a) on env actions, evaluated together in one batched forward."""
+class Critics(nn.Module):
+    """Q_1(s, a) .. Q_n(s, a) on env actions, evaluated together in one batched forward."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, layernorm: bool = False):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, layernorm: bool = False, n: int = 2):
         super().__init__()
+        self.n = n
         dims, norm = [obs_dim + act_dim] + [hidden] * layers, (lambda n: nn.LayerNorm(n, elementwise_affine=False))
         mods = [m for a, b in zip(dims[:-1], dims[1:])
-                for m in (EnsembleLinear(2, a, b), *([norm(b)] if layernorm else []), nn.ReLU())]
-        self.net = nn.Sequential(*mods, EnsembleLinear(2, hidden, 1))
+                for m in (EnsembleLinear(n, a, b), *([norm(b)] if layernorm else []), nn.ReLU())]
+        self.net = nn.Sequential(*mods, EnsembleLinear(n, hidden, 1))
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.cat([obs, action], dim=-1).expand(2, -1, -1)).squeeze(-1)  # (2, B)
+        return self.net(torch.cat([obs, action], dim=-1).expand(self.n, -1, -1)).squeeze(-1)  # (n, B)
 
 
 class FlowDecoder(nn.Module):
@@ -329,9 +332,9 @@ def q_target(batch, actor, decoder, qf_target, alpha: float, gamma: float) -> to
 
 
 def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: float, gamma: float):
-    """One step on both critics. Returns (loss, Q values (2, B), gradient norm)."""
+    """One step on all critics. Returns (loss, Q values (n, B), gradient norm)."""
     target = q_target(batch, actor, decoder, qf_target, alpha, gamma)
-    q = qf(batch["obs"], batch["action"])  # (2, B)
+    q = qf(batch["obs"], batch["action"])  # (n, B)
     q_loss = (q - target).pow(2).mean(1).sum()
     q_optimizer.zero_grad(set_to_none=True)
     q_loss.backward()
@@ -495,7 +498,7 @@ if __name__ == "__main__":
     envs = common.VectorEnv(run.env, args.num_envs, args.seed, args.env_threads)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]  # latent dim = |A|
     actor = LatentActor(obs_dim, act_dim, args.hidden, args.layers).to(device)
-    qf = TwinQ(obs_dim, act_dim, args.hidden, args.layers, args.critic_layernorm).to(device)
+    qf = Critics(obs_dim, act_dim, args.hidden, args.layers, args.critic_layernorm, args.num_critics).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device).requires_grad_(False)  # only refit in Phase 2
