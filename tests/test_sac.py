@@ -83,6 +83,19 @@ def test_twin_critics_are_independent_networks_in_one_forward(layernorm):
     assert sum(isinstance(m, torch.nn.LayerNorm) for m in qf.modules()) == (2 if layernorm else 0)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_q_target_takes_the_minimum_over_the_critics(n):
+    actor, _, _, decoder = _nets()
+    qf_target, batch = gorl_sac.Critics(5, 2, 32, 2, n=n), _batch()
+    torch.manual_seed(1)
+    target = gorl_sac.q_target(batch, actor, decoder, qf_target, 0.2, 0.99)
+    torch.manual_seed(1)
+    next_action, _, next_logp, _, _ = gorl_sac.sample_action(actor, decoder, batch["next_obs"])
+    q = qf_target(batch["next_obs"], next_action)
+    assert q.shape == (n, 64)
+    assert torch.allclose(target, batch["reward"] + 0.99 * (q.min(0).values - 0.2 * next_logp))
+
+
 def test_buffer_latest_is_time_ordered_and_survives_a_refit():
     buffer = gorl_sac.ReplayBuffer(capacity=10, obs_dim=5, act_dim=2)
     for step in range(13):  # wraps around
