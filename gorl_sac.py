@@ -52,7 +52,7 @@ class Args:
     policy_lr: float = 3e-4
     """Adam learning rate of the latent actor"""
     q_lr: float = 1e-3
-    """Adam learning rate of the twin critics and of alpha"""
+    """Adam learning rate of the critics and of alpha"""
     policy_frequency: int = 1
     """the actor (and alpha) takes this many steps every this-many critic updates"""
     alpha: float = 1.0
@@ -69,8 +69,8 @@ class Args:
     """hidden layers of actor and critic MLPs"""
     critic_layernorm: bool = True
     """LayerNorm (no affine) before each hidden activation of the critics"""
-    num_critics: int = 2
-    """critics; targets and the actor use their minimum (2: clipped double Q; 1: a single critic)"""
+    num_critics: int = 1
+    """critics; targets and the actor use their minimum (2: clipped double Q; detail 11)"""
     # ---- GoRL stages ----
     num_stages: int = 2
     """K: RL stages, K - 1 decoder refits; 1 is the tanh-Gaussian SAC twin"""
@@ -189,7 +189,7 @@ class EnsembleLinear(nn.Module):
 class Critics(nn.Module):
     """Q_1(s, a) .. Q_n(s, a) on env actions, evaluated together in one batched forward."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, layernorm: bool = False, n: int = 2):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, n: int, layernorm: bool = False):
         super().__init__()
         self.n = n
         dims, norm = [obs_dim + act_dim] + [hidden] * layers, (lambda n: nn.LayerNorm(n, elementwise_affine=False))
@@ -498,7 +498,7 @@ if __name__ == "__main__":
     envs = common.VectorEnv(run.env, args.num_envs, args.seed, args.env_threads)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]  # latent dim = |A|
     actor = LatentActor(obs_dim, act_dim, args.hidden, args.layers).to(device)
-    qf = Critics(obs_dim, act_dim, args.hidden, args.layers, args.critic_layernorm, args.num_critics).to(device)
+    qf = Critics(obs_dim, act_dim, args.hidden, args.layers, args.num_critics, args.critic_layernorm).to(device)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device).requires_grad_(False)  # only refit in Phase 2

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _nets(obs_dim=5, act_dim=2, hidden=32):
     torch.manual_seed(0)
     actor = gorl_sac.LatentActor(obs_dim, act_dim, hidden, 2)
-    qf = gorl_sac.Critics(obs_dim, act_dim, hidden, 2)
+    qf = gorl_sac.Critics(obs_dim, act_dim, hidden, 2, n=2)
     qf_target = copy.deepcopy(qf).requires_grad_(False)
     # a refit (non-identity) decoder with random weights, frozen as the script freezes it
     decoder = gorl_sac.FlowDecoder(obs_dim, act_dim, 16, 2, 10)
@@ -75,7 +75,7 @@ def test_q_target_bootstraps_on_truncation_but_not_on_termination():
 @pytest.mark.parametrize("layernorm", [False, True])
 def test_twin_critics_are_independent_networks_in_one_forward(layernorm):
     torch.manual_seed(0)
-    qf = gorl_sac.Critics(5, 2, 32, 2, layernorm)
+    qf = gorl_sac.Critics(5, 2, 32, 2, n=2, layernorm=layernorm)
     q = qf(torch.randn(16, 5), torch.rand(16, 2))
     assert q.shape == (2, 16) and not torch.allclose(q[0], q[1])
     q[0].sum().backward()  # no parameter is shared: critic 2's weights get no gradient from critic 1's loss
@@ -166,7 +166,8 @@ def test_learns_pendulum_and_keeps_it_across_a_refit(tmp_path):
     args = ["--env-id", "Pendulum-v1", "--total-timesteps", "6000", "--learning-starts", "1000", "--num-stages", "2",
             "--stage-fractions", "4", "1", "--hidden", "64", "--batch-size", "128", "--eval-interval", "100000",
             "--eval-episodes", "5", "--decoder-train-steps", "1500", "--decoder-data-steps", "2000", "--seed", "1",
-            "--updates-per-step", "1", "--action-repeat", "1", "--policy-frequency", "2", "--no-critic-layernorm"]
+            "--updates-per-step", "1", "--action-repeat", "1", "--policy-frequency", "2", "--no-critic-layernorm",
+            "--num-critics", "2"]
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gorl_sac.py"), *args], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
