@@ -315,7 +315,7 @@ def load_checkpoint(path: str, script: str) -> dict:
 
 def saved_args(args_type, ckpt: dict):
     """The arguments the checkpoint's run started with (a resumed run continues with them)."""
-    saved = {"action_repeat": 1, **ckpt["args"]}  # checkpoints from before --action-repeat held each action once
+    saved = {"action_repeat": 1, "num_critics": 2, **ckpt["args"]}  # older checkpoints: the defaults they had
     return args_type(**{k: v for k, v in saved.items() if k in args_type.__dataclass_fields__})
 
 def check_args(args) -> None:
