@@ -186,6 +186,22 @@ def test_resume_leaves_the_checkpoints_eval_rows_on_disk_at_once(tmp_path):
     assert saved and eval_rows(run_dir) == saved
 
 
+def test_a_checkpoint_from_before_num_critics_resumes_with_its_two_critics(tmp_path):
+    run_dir = str(tmp_path / "old")
+    result = run("gorl_sac", ["--env-id", "Pendulum-v1", "--total-timesteps", "1200", "--learning-starts", "1000",
+                              "--num-stages", "1", "--num-critics", "2", "--eval-episodes", "2", "--run-dir", run_dir],
+                 tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = os.path.join(run_dir, "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=False)
+    del ckpt["args"]["num_critics"]  # as written before the flag existed
+    ckpt["finished"], ckpt["args"]["total_timesteps"] = False, 1300
+    torch.save(ckpt, path)
+    result = run("gorl_sac", ["--resume", run_dir], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming {run_dir} at env step 1200" in result.stdout
+
+
 def test_first_nonfinite_names_the_first_bad_quantity():
     params = [torch.ones(3), torch.ones(2, 2)]
     assert common.first_nonfinite({"loss": torch.tensor(1.0), "alpha": 0.5, "params": params}) is None
