@@ -192,7 +192,7 @@ class Critics(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, n: int, layernorm: bool = False):
         super().__init__()
         self.n = n
-        dims, norm = [obs_dim + act_dim] + [hidden] * layers, (lambda n: nn.LayerNorm(n, elementwise_affine=False))
+        dims, norm = [obs_dim + act_dim] + [hidden] * layers, (lambda w: nn.LayerNorm(w, elementwise_affine=False))
         mods = [m for a, b in zip(dims[:-1], dims[1:])
                 for m in (EnsembleLinear(n, a, b), *([norm(b)] if layernorm else []), nn.ReLU())]
         self.net = nn.Sequential(*mods, EnsembleLinear(n, hidden, 1))
