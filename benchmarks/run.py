@@ -210,7 +210,7 @@ def keep_stage0(job: dict, seen: Optional[int], log) -> Optional[int]:
             with contextlib.suppress(FileNotFoundError):
                 os.replace(stage0_dir(job), old)
             os.replace(tmp, stage0_dir(job))
-            shutil.rmtree(old)
+            shutil.rmtree(old, ignore_errors=True)  # absent after the first copy
         else:
             shutil.rmtree(tmp)
     except OSError as err:  # e.g. a full disk: the run goes on; its twin may run from its first step

@@ -244,6 +244,8 @@ def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_
         log = (out / "logs" / f"{script}__tests.toy_envs:Toy-v0__twin__s1.log").read_text()
         branched_at = int(log.split("branched from ")[1].split(" at env step ")[1].split()[0])
         assert 0 < branched_at < int(steps), log
+        gorl_log = (out / "logs" / f"{script}__tests.toy_envs:Toy-v0__gorl__s1.log").read_text()
+        assert "runner:" not in gorl_log, gorl_log  # every stage-0 copy was made without a complaint
     dry = subprocess.run(RUNNER + flags + ["--out", str(out), "--dry-run"], env=ENV, capture_output=True, text=True,
                          timeout=120)
     assert dry.stdout.splitlines()[-1] == "4 runs: 4 done, 0 to resume, 0 to branch, 0 to start", dry.stdout + dry.stderr
