@@ -22,7 +22,6 @@ import torch.nn as nn
 
 import common
 
-
 @dataclass
 class Args:
     # ---- environment and budget ----
@@ -160,25 +159,21 @@ class Args:
     eval_stochastic: bool = False
     """with --eval-only: sample eps ~ pi(.|s) instead of taking its mean"""
 
-
 # ---- networks ----
-
 
 def layer_init(layer: nn.Linear, std: float = np.sqrt(2)) -> nn.Linear:
     nn.init.orthogonal_(layer.weight, std)
     nn.init.constant_(layer.bias, 0.0)
     return layer
 
-
-def mlp(in_dim: int, hidden: int, layers: int, activation: type[nn.Module]) -> nn.Sequential:
-    dims = [in_dim] + [hidden] * layers
-    return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (layer_init(nn.Linear(a, b)), activation())])
-
+def mlp(in_dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential:
+    dims, act = [in_dim] + [hidden] * layers, nn.Tanh if activation == "tanh" else nn.SiLU
+    return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (layer_init(nn.Linear(a, b)), act())])
 
 class LatentPolicy(nn.Module):
     """pi_theta(eps | s) = N(mu(s), diag(sigma^2)), sigma a state-independent parameter."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation: str):
         super().__init__()
         self.trunk = mlp(obs_dim, hidden, layers, activation)
         self.mu_head = layer_init(nn.Linear(hidden, act_dim), std=0.01)
@@ -188,18 +183,13 @@ class LatentPolicy(nn.Module):
         mu = self.mu_head(self.trunk(s))  # (B, d)
         return mu, self.log_sigma.exp().expand_as(mu)
 
-    def head_parameters(self) -> list[nn.Parameter]:
-        return [self.mu_head.weight, self.mu_head.bias, self.log_sigma]
-
-
 class Critic(nn.Module):
-    def __init__(self, obs_dim: int, hidden: int, layers: int, activation):
+    def __init__(self, obs_dim: int, hidden: int, layers: int, activation: str):
         super().__init__()
         self.net = nn.Sequential(mlp(obs_dim, hidden, layers, activation), layer_init(nn.Linear(hidden, 1), std=1.0))
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
         return self.net(s).squeeze(-1)  # (B,)
-
 
 class FlowDecoder(nn.Module):
     """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
@@ -239,14 +229,17 @@ class FlowDecoder(nn.Module):
             x = x - dt * self.velocity(s, x, torch.full_like(x[:, :1], 1.0 - k * dt))
         return x  # u, (B, d)
 
+def make_networks(obs_dim: int, act_dim: int, args: Args, device) -> tuple[LatentPolicy, Critic, FlowDecoder]:
+    """The latent policy (latent dim = |A|), the critic and the decoder, identity until its first refit."""
+    return (LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, args.activation).to(device),
+            Critic(obs_dim, args.critic_hidden, args.critic_layers, args.activation).to(device),
+            FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device))
 
 # ---- Phase 1: PPO in latent space ----
-
 
 def gaussian_log_prob(eps: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """log N(eps; mu, diag(sigma^2)) summed over dims, (B,)."""
     return (-0.5 * ((eps - mu) / sigma).pow(2) - sigma.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
-
 
 def prior_penalty(mu: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-sample pull toward N(0, I), (B,): the analytic KL(N(mu, sigma^2) || N(0, I)) =
@@ -254,7 +247,6 @@ def prior_penalty(mu: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Ten
     if kind == "kl":
         return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * sigma.log()).sum(-1)
     return (mu.pow(2) + sigma.pow(2)).mean(-1)
-
 
 def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, lam: float):
     """GAE over (T, N). next_values[t] is V of the true next state (the final observation where an
@@ -266,7 +258,6 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, l
         last = delta + gamma * lam * (1.0 - dones[t]) * last
         advantages[t] = last
     return advantages, advantages + values
-
 
 def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common.Run, frozen: bool = False):
     """num_steps steps of the composite policy in every env: eps ~ pi(.|s), u = g(s, eps), a = tanh(u).
@@ -302,7 +293,6 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
     b["advantages"], b["returns"] = compute_gae(b["rewards"], b["values"], next_values, b["terminated"], b["dones"],
                                                 args.gamma, args.gae_lambda)
     return {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()}, obs
-
 
 def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float, args: Args, run: common.Run) -> dict:
     """PPO epochs over one rollout. The ratio is over eps, so neither the decoder nor tanh enters it."""
@@ -347,9 +337,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
             "charts/action_abs": torch.tanh(b["u"]).abs().mean().item()}
 
-
 # ---- Phase 2: refit the decoder by fixed-prior flow matching ----
-
 
 def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -> torch.Tensor:
     """x_t = t eps + (1 - t) u, target velocity eps - u, with eps ~ N(0, I) drawn fresh, independent of
@@ -359,7 +347,6 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
     t = torch.rand((u.shape[0], 1), generator=generator, device=u.device)
     x_t = t * eps + (1.0 - t) * u
     return (decoder.velocity(s, x_t, t) - (eps - u)).pow(2).mean()
-
 
 def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
                 var_floor: Optional[torch.Tensor] = None):
@@ -403,7 +390,6 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
         decoder.load_state_dict(best_state)
     return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
 
-
 @torch.no_grad()
 def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generator, samples: int = 32) -> dict:
     """Action-space checks of a refit (detail 6), since the flow-matching loss cannot tell a good fit:
@@ -419,15 +405,13 @@ def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generat
             "charts/boundary_action_std_old": a_old.std(0).mean().item(),
             "charts/boundary_action_std_new": a_new.std(0).mean().item()}
 
-
 def reset_latent_policy(policy: LatentPolicy, optimizer: torch.optim.Optimizer) -> None:
     """Stage boundary: pi_theta(.|s) = N(0, I) exactly (zero mean head, sigma = 1), with fresh Adam moments
     for the reset head. The trunk, the critic, their optimiser state and the observation statistics stay."""
     with torch.no_grad():
-        for p in policy.head_parameters():
+        for p in (policy.mu_head.weight, policy.mu_head.bias, policy.log_sigma):
             p.zero_()
             optimizer.state.pop(p, None)
-
 
 def make_act(policy, decoder, obs_rms, device, stochastic_seed: Optional[int] = None):
     """The composite policy with frozen observation statistics: a = tanh(g(s, mu)), or with a seed
@@ -443,18 +427,13 @@ def make_act(policy, decoder, obs_rms, device, stochastic_seed: Optional[int] = 
 
     return act
 
-
 def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
     """--eval-only: the composite policy of a checkpoint."""
-    policy = LatentPolicy(ckpt["obs_dim"], ckpt["act_dim"], args.policy_hidden, args.policy_layers,
-                          nn.Tanh if args.activation == "tanh" else nn.SiLU).to(device)
-    decoder = FlowDecoder(ckpt["obs_dim"], ckpt["act_dim"], args.decoder_hidden, args.decoder_layers,
-                          args.euler_steps).to(device)
+    policy, _, decoder = make_networks(ckpt["obs_dim"], ckpt["act_dim"], args, device)
     obs_rms = common.RunningMeanStd((ckpt["obs_dim"],))
     for part, name in ((policy, "policy"), (decoder, "decoder"), (obs_rms, "obs_rms")):
         part.load_state_dict(ckpt[name])
     return make_act(policy, decoder, obs_rms, device, stochastic_seed)
-
 
 def validate(args: Args) -> None:
     """Checks of this script's flags, before anything is created (common.Run checks the shared ones)."""
@@ -474,7 +453,6 @@ def validate(args: Args) -> None:
     if not 0.0 < args.decoder_val_fraction < 1.0:
         raise common.UsageError(f"--decoder-val-fraction must be in (0, 1), got {args.decoder_val_fraction}")
 
-
 if __name__ == "__main__":
     run = common.Run(Args, "gorl_ppo", validate, build_act)  # command line, --resume, --eval-only, logs
     args, device = run.args, run.device
@@ -484,11 +462,8 @@ if __name__ == "__main__":
     stage_end = common.stage_ends(num_iterations, args.num_stages, args.stage_fractions)  # in PPO iterations
 
     envs = common.VectorEnv(run.env, args.num_envs, args.seed, args.env_threads)
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]  # latent dim = |A|
-    activation = nn.Tanh if args.activation == "tanh" else nn.SiLU
-    policy = LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, activation).to(device)
-    critic = Critic(obs_dim, args.critic_hidden, args.critic_layers, activation).to(device)
-    decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
+    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    policy, critic, decoder = make_networks(obs_dim, act_dim, args, device)
     optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=args.learning_rate, eps=1e-5,
                                  fused=True)
     obs_rms = common.RunningMeanStd((obs_dim,))
@@ -548,8 +523,9 @@ if __name__ == "__main__":
         # ---- Stage boundary: latent policy reset to N(0, I); critic and observation statistics kept ----
         if args.fresh_networks_each_stage:  # fresh trunk and critic, fresh Adam moments
             policy.load_state_dict(LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers,
-                                                activation).state_dict())
-            critic.load_state_dict(Critic(obs_dim, args.critic_hidden, args.critic_layers, activation).state_dict())
+                                                args.activation).state_dict())
+            critic.load_state_dict(Critic(obs_dim, args.critic_hidden, args.critic_layers,
+                                          args.activation).state_dict())
             optimizer.state.clear()
         reset_latent_policy(policy, optimizer)
         decoder.load_state_dict(new_decoder.state_dict())  # the composite policy now decodes with the refit

@@ -24,7 +24,6 @@ import torch.nn as nn
 
 import common
 
-
 @dataclass
 class Args:
     # ---- environment and budget ----
@@ -148,16 +147,13 @@ class Args:
     eval_stochastic: bool = False
     """with --eval-only: sample eps ~ pi(.|s) instead of taking its mean"""
 
-
 # ---- networks ----
 
 LOG_SIGMA_MIN, LOG_SIGMA_MAX = -5.0, 2.0
 
-
 def mlp(in_dim: int, hidden: int, layers: int) -> nn.Sequential:
     dims = [in_dim] + [hidden] * layers
     return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.ReLU())])
-
 
 class LatentActor(nn.Module):
     """pi_theta(eps | s) = N(mu(s), diag(sigma(s)^2)), reparameterised."""
@@ -172,7 +168,6 @@ class LatentActor(nn.Module):
         h = self.trunk(obs)
         return self.mu_head(h), self.log_sigma_head(h).clamp(LOG_SIGMA_MIN, LOG_SIGMA_MAX).exp()  # (B, d) each
 
-
 class EnsembleLinear(nn.Module):
     """`n` independent linear layers in one batched matmul: x (n, B, in) -> (n, B, out)."""
 
@@ -184,7 +179,6 @@ class EnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.baddbmm(self.bias, x, self.weight)
-
 
 class Critics(nn.Module):
     """Q_1(s, a) .. Q_n(s, a) on env actions, evaluated together in one batched forward."""
@@ -199,7 +193,6 @@ class Critics(nn.Module):
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         return self.net(torch.cat([obs, action], dim=-1).expand(self.n, -1, -1)).squeeze(-1)  # (n, B)
-
 
 class FlowDecoder(nn.Module):
     """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
@@ -261,7 +254,6 @@ class FlowDecoder(nn.Module):
             return eps
         return self.integrate_split(obs, eps) if self.split_first_layer else self.integrate(obs, eps)
 
-
 class ReplayBuffer:
     """Ring buffer of (obs, action, u, reward, next_obs, terminated, truncated); `u` is the executed
     pre-tanh action, kept for refits. The critics only ever see `action`."""
@@ -295,19 +287,15 @@ class ReplayBuffer:
         for k, v in state["data"].items():
             self.data[k][: self.size] = v
 
-
 # ---- Phase 1: SAC in latent space ----
-
 
 def gaussian_log_prob(eps: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """log N(eps; mu, diag(sigma^2)) summed over dims, (B,): the latent log-likelihood."""
     return (-0.5 * ((eps - mu) / sigma).pow(2) - sigma.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
 
-
 def kl_to_prior(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), (B,)."""
     return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * sigma.log()).sum(-1)
-
 
 def sample_action(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor):
     """eps = mu + sigma xi (reparameterised), u = g(s, eps), a = tanh(u). Returns a, u, logp, mu, sigma.
@@ -321,7 +309,6 @@ def sample_action(actor: LatentActor, decoder: FlowDecoder, obs: torch.Tensor):
     logp = gaussian_log_prob(eps, mu, sigma) - (2.0 * (np.log(2.0) - u - nn.functional.softplus(-2.0 * u))).sum(-1)
     return torch.tanh(u), u, logp, mu, sigma
 
-
 def q_target(batch, actor, decoder, qf_target, alpha: float, gamma: float) -> torch.Tensor:
     """r + gamma (1 - terminated) (min Q'(s', a') - alpha log pi(eps'|s')): a truncated transition
     bootstraps from its true next observation; only a termination cuts the return."""
@@ -329,7 +316,6 @@ def q_target(batch, actor, decoder, qf_target, alpha: float, gamma: float) -> to
         next_action, _, next_logp, _, _ = sample_action(actor, decoder, batch["next_obs"])
         next_q = qf_target(batch["next_obs"], next_action).min(0).values - alpha * next_logp
         return batch["reward"] + gamma * (1.0 - batch["terminated"]) * next_q
-
 
 def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: float, gamma: float):
     """One step on all critics. Returns (loss, Q values (n, B), gradient norm)."""
@@ -341,7 +327,6 @@ def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: floa
     q_grad_norm = nn.utils.get_total_norm([p.grad for p in qf.parameters()])
     q_optimizer.step()
     return q_loss, q, q_grad_norm
-
 
 def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_coef: float):
     """alpha log pi(eps|s) - min Q(s, tanh(g(s, eps))) + beta KL(pi || N(0, I)), eps reparameterised. The
@@ -356,9 +341,7 @@ def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_co
     qf.requires_grad_(True)
     return actor_loss, actor_grad_norm, a_pi.detach(), logp.detach(), mu.detach(), sigma.detach()
 
-
 # ---- Phase 2: refit the decoder by fixed-prior flow matching ----
-
 
 def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -> torch.Tensor:
     """x_t = t eps + (1 - t) u, target velocity eps - u, with eps ~ N(0, I) fresh and independent of the
@@ -368,7 +351,6 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
     t = torch.rand((u.shape[0], 1), generator=generator, device=u.device)
     x_t = t * eps + (1.0 - t) * u
     return (decoder.velocity(s, x_t, t) - (eps - u)).pow(2).mean()
-
 
 def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
                 var_floor: Optional[torch.Tensor] = None):
@@ -413,7 +395,6 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
         decoder.load_state_dict(best_state)
     return decoder.requires_grad_(False), {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
 
-
 @torch.no_grad()
 def boundary_diagnostics(actor, old_decoder, new_decoder, obs, generator, samples: int = 32) -> dict:
     """Action-space checks of a refit (detail 6): old composite policy tanh(g_old(s, mu + sigma xi))
@@ -429,14 +410,12 @@ def boundary_diagnostics(actor, old_decoder, new_decoder, obs, generator, sample
             "charts/boundary_action_std_old": a_old.std(0).mean().item(),
             "charts/boundary_action_std_new": a_new.std(0).mean().item()}
 
-
 @torch.no_grad()
 def action_noise(actor, decoder, obs: torch.Tensor, generator, samples: int = 8) -> float:
     """The exploration noise the env sees: std over `samples` draws of tanh(g(s, mu + sigma xi)) per state."""
     mu, sigma = actor(obs.repeat(samples, 1))  # (samples * B, d)
     a = torch.tanh(decoder(obs.repeat(samples, 1), mu + sigma * torch.randn(mu.shape, generator=generator)))
     return a.reshape(samples, len(obs), -1).std(0).mean().item()
-
 
 def reset_latent_actor(actor: LatentActor, optimizer: torch.optim.Optimizer) -> None:
     """Stage boundary: pi_theta(.|s) = N(0, I) exactly (zero heads: mu = 0, log sigma = 0), fresh Adam
@@ -445,7 +424,6 @@ def reset_latent_actor(actor: LatentActor, optimizer: torch.optim.Optimizer) -> 
         for p in [*actor.mu_head.parameters(), *actor.log_sigma_head.parameters()]:
             p.zero_()
             optimizer.state.pop(p, None)
-
 
 def make_act(actor, decoder, device, stochastic_seed: Optional[int] = None):
     """The composite policy: a = tanh(g(s, mu)), or with a seed a = tanh(g(s, mu + sigma xi)) from its own
@@ -461,7 +439,6 @@ def make_act(actor, decoder, device, stochastic_seed: Optional[int] = None):
 
     return act
 
-
 def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
     """--eval-only: the composite policy of a checkpoint."""
     actor = LatentActor(ckpt["obs_dim"], ckpt["act_dim"], args.hidden, args.layers).to(device)
@@ -470,7 +447,6 @@ def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
     actor.load_state_dict(ckpt["actor"])
     decoder.load_state_dict(ckpt["decoder"])
     return make_act(actor, decoder, device, stochastic_seed)
-
 
 def validate(args: Args) -> None:
     """Checks of this script's flags, before anything is created (common.Run checks the shared ones)."""
@@ -487,7 +463,6 @@ def validate(args: Args) -> None:
     if ends[0] <= args.learning_starts or min(np.diff([0] + ends)) < args.num_envs:
         raise common.UsageError(f"--total-timesteps {args.total_timesteps} gives stage ends {ends}: stage 0 must "
                                 f"outlast --learning-starts {args.learning_starts} and every stage needs env steps")
-
 
 if __name__ == "__main__":
     run = common.Run(Args, "gorl_sac", validate, build_act)  # command line, --resume, --eval-only, logs

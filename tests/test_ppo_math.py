@@ -64,8 +64,8 @@ def test_gae_matches_brute_force_with_truncation_and_termination():
 def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser():
     torch.manual_seed(0)
     obs_dim, act_dim = 7, 3
-    policy = gorl_ppo.LatentPolicy(obs_dim, act_dim, 32, 2, nn.Tanh)
-    critic = gorl_ppo.Critic(obs_dim, 32, 2, nn.Tanh)
+    policy = gorl_ppo.LatentPolicy(obs_dim, act_dim, 32, 2, "tanh")
+    critic = gorl_ppo.Critic(obs_dim, 32, 2, "tanh")
     optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=1e-2)
     rms = common.RunningMeanStd((obs_dim,))
     rms.update(np.random.default_rng(0).normal(3.0, 2.0, (100, obs_dim)))
@@ -86,7 +86,7 @@ def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser(
 
     mu, sigma = policy(torch.randn(256, obs_dim) * 10)
     assert torch.equal(mu, torch.zeros_like(mu)) and torch.equal(sigma, torch.ones_like(sigma))
-    assert all(p not in optimizer.state for p in policy.head_parameters())  # fresh moments
+    assert all(p not in optimizer.state for p in (*policy.mu_head.parameters(), policy.log_sigma))  # fresh moments
     for k, v in critic.state_dict().items():
         assert torch.equal(v, critic_before[k])
     for p, m in zip(critic.parameters(), critic_adam_before):
@@ -115,7 +115,7 @@ def test_running_mean_std_is_exact():
 
 def test_boundary_diagnostics_draw_nothing_from_the_training_random_stream():
     torch.manual_seed(0)
-    policy = gorl_ppo.LatentPolicy(4, 2, 16, 2, nn.Tanh)
+    policy = gorl_ppo.LatentPolicy(4, 2, 16, 2, "tanh")
     old, new = gorl_ppo.FlowDecoder(4, 2, 16, 2, 5), gorl_ppo.FlowDecoder(4, 2, 16, 2, 5)
     new.is_identity.fill_(False)
     rms = common.RunningMeanStd((4,))
