@@ -58,7 +58,7 @@ class Args:
     """entropy coefficient (its starting value with --autotune)"""
     autotune: bool = True
     """tune alpha so the entropy estimate tracks --entropy-target x action_dim"""
-    entropy_target: float = -1.0
+    entropy_target: float = -0.5
     """target entropy per action dimension"""
     kl_coef: float = 1e-3
     """beta: weight of KL(pi_theta(.|s) || N(0, I)) in the actor loss"""
