@@ -183,15 +183,16 @@ def table(runs: dict) -> str:
 
 
 def paired_outcomes(runs: dict) -> str:
-    """GoRL's final return minus its twin's, per (script, task, seed) both variants finished."""
-    diffs = [(f"{script.upper()} {env} s{seed}",
-              runs[(script, env, "gorl")][seed][-1]["ret"] - runs[(script, env, "twin")][seed][-1]["ret"])
-             for script in ("ppo", "sac") for env, seeds in paired_seeds(runs, script).items() for seed in seeds]
-    if not diffs:
+    """GoRL's final return minus its twin's per (script, task), averaged over the seeds both variants finished."""
+    cells = [(f"{script.upper()} {env}", [runs[(script, env, "gorl")][seed][-1]["ret"]
+                                          - runs[(script, env, "twin")][seed][-1]["ret"] for seed in seeds])
+             for script in ("ppo", "sac") for env, seeds in paired_seeds(runs, script).items() if seeds]
+    if not cells:
         return ""
-    ahead = sum(d > 0 for _, d in diffs)
-    return (f"GoRL minus twin, final return per seed pair: GoRL ahead in {ahead} of {len(diffs)} pairs. "
-            + "; ".join(f"{name} {d:+.1f}" for name, d in diffs) + ".")
+    ahead, pairs = sum(d > 0 for _, ds in cells for d in ds), sum(len(ds) for _, ds in cells)
+    return ("GoRL minus twin, final return, mean over seed pairs (pairs GoRL is ahead in): "
+            + "; ".join(f"{name} {np.mean(ds):+.1f} ({sum(d > 0 for d in ds)}/{len(ds)})" for name, ds in cells)
+            + f". GoRL ahead in {ahead} of {pairs} pairs.")
 
 
 def protocol_status(runs: dict) -> str:
