@@ -219,8 +219,9 @@ def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_
     # passes and the files it reads (eval.csv with its 'final' row) are the scripts' own. One worker runs
     # GoRL before its twin, so the twin starts from GoRL's stage-0 checkpoint; twins run again from their
     # first step (--no-branch-twins) must give the same rows. Frequent checkpoints let the runner see one in stage 0.
+    # PPO's default lr schedule restarts at each stage, so its stage 0 is the twin's run only with `run` (detail 1).
     flags = ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "--ppo-steps", "512",
-             "--sac-steps", "800", "--ppo-args=--num-envs 4 --num-steps 32 --decoder-train-steps 300 "
+             "--sac-steps", "800", "--ppo-args=--lr-schedule run --num-envs 4 --num-steps 32 --decoder-train-steps 300 "
              "--eval-episodes 2 --eval-interval 256 --checkpoint-interval 128",
              "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 300 "
              "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200 --checkpoint-interval 100"]
@@ -323,8 +324,8 @@ def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_
     lo, hi = (float(x) for x in gorl.split("[")[1].rstrip("]").split(", "))
     assert 0.5 <= lo < 0.65 < hi <= 0.9
     assert text.count("over 2 tasks, 4 runs") == 2
-    assert ("GoRL ahead in 4 of 4 pairs. PPO cheetah-run s1 +400.0; PPO cheetah-run s2 +400.0; "
-            "PPO cheetah-run s3 +400.0; PPO walker-walk s1 +500.0.") in text
+    assert ("(pairs GoRL is ahead in): PPO cheetah-run +400.0 (3/3); PPO walker-walk +500.0 (1/1). "
+            "GoRL ahead in 4 of 4 pairs.") in text
     # The status names the cells short of the protocol's 3 seeds, with their counts, and no full cell.
     status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
     assert status.endswith(" Fewer than 3 seeds: PPO walker-walk GoRL (2), PPO walker-walk Gaussian twin (K=1) (1).")
