@@ -309,9 +309,12 @@ def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_
     os.makedirs(tmp_path / "csv")
     finals = {("cheetah-run", "gorl"): {1: 500, 2: 600, 3: 700}, ("cheetah-run", "twin"): {1: 100, 2: 200, 3: 300},
               ("walker-walk", "gorl"): {1: 900, 2: 950}, ("walker-walk", "twin"): {1: 400}}
+    # A SAC cell with unequal differences (+100, -300): its line must be their mean, not one seed's.
+    finals |= {("finger-spin", "sac_gorl"): {1: 300, 2: 100}, ("finger-spin", "sac_twin"): {1: 200, 2: 400}}
     for (env, variant), per_seed in finals.items():
+        script, variant = ("sac", variant[4:]) if variant.startswith("sac_") else ("ppo", variant)
         for seed, final in per_seed.items():
-            _write_run(tmp_path / "csv" / f"ppo__{env}__{variant}__s{seed}.csv", final)
+            _write_run(tmp_path / "csv" / f"{script}__{env}__{variant}__s{seed}.csv", final)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "plot.py"), "--out", str(tmp_path),
                              "--readme", ""], env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -324,11 +327,12 @@ def test_aggregate_scores_both_variants_on_the_seeds_they_share_when_cells_have_
     lo, hi = (float(x) for x in gorl.split("[")[1].rstrip("]").split(", "))
     assert 0.5 <= lo < 0.65 < hi <= 0.9
     assert text.count("over 2 tasks, 4 runs") == 2
-    assert ("(pairs GoRL is ahead in): PPO cheetah-run +400.0 (3/3); PPO walker-walk +500.0 (1/1). "
-            "GoRL ahead in 4 of 4 pairs.") in text
+    assert ("(pairs GoRL is ahead in): PPO cheetah-run +400.0 (3/3); PPO walker-walk +500.0 (1/1); "
+            "SAC finger-spin -100.0 (1/2). GoRL ahead in 5 of 6 pairs.") in text
     # The status names the cells short of the protocol's 3 seeds, with their counts, and no full cell.
     status = next(l for l in text.splitlines() if l.startswith("Protocol: "))
-    assert status.endswith(" Fewer than 3 seeds: PPO walker-walk GoRL (2), PPO walker-walk Gaussian twin (K=1) (1).")
+    assert status.endswith(" Fewer than 3 seeds: PPO walker-walk GoRL (2), PPO walker-walk Gaussian twin (K=1) (1), "
+                           "SAC finger-spin GoRL (2), SAC finger-spin Gaussian twin (K=1) (2).")
 
 
 def _plot_module(monkeypatch):
