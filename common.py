@@ -1,5 +1,4 @@
-"""Plumbing shared by gorl_ppo.py and gorl_sac.py: environments, evaluation, observation statistics and the run
-lifecycle (command line, checkpoints, --resume, --eval-only, signals, logs). The GoRL algorithm is in each script."""
+"""What gorl_ppo.py and gorl_sac.py share: envs, evaluation, observation statistics, the run lifecycle and logs."""
 
 from __future__ import annotations
 
@@ -33,8 +32,7 @@ class UsageError(ValueError):
     """A bad argument or file given by the user: printed as one line, exit code 2, nothing created."""
 
 BACKENDS = ("auto", "envpool", "dm_control")
-# envpool's C++ finger differs from dm_control's (the spinner's hinge velocity spreads 0.65-0.74x as wide; a
-# random policy scores 0.06 vs 0.50 on finger-spin), so `auto` avoids it (README, details).
+# envpool's C++ finger differs from the Python suite's (a random policy: 0.06 vs 0.50 on finger-spin; detail 12)
 ENVPOOL_MISMATCHED_DOMAINS = ("finger",)
 
 @dataclasses.dataclass(frozen=True)
@@ -128,10 +126,8 @@ def make_env(spec: EnvSpec, seed: int) -> gym.Env:
     return env
 
 class VectorEnv:
-    """`num_envs` envs in gymnasium's SAME_STEP autoreset mode: a finished episode's last observation is in
-    infos["final_obs"] (dense, (num_envs, obs_dim)); the returned observation is the next episode's first.
-    state_dict() is each env's resets and actions since: replayed into fresh envs on --resume, it rebuilds them
-    bit-exactly (envpool cannot save its state; MuJoCo pickles unportably)."""
+    """`num_envs` envs, SAME_STEP autoreset: an episode's last observation is in infos["final_obs"] (num_envs, obs_dim).
+    state_dict(): each env's resets and actions since, replayed into fresh envs on --resume (detail 13)."""
     STATE = ("resets", "start", "history", "ret", "length", "step_seconds")
 
     def __init__(self, spec: EnvSpec, num_envs: int, seed: int, threads: int = 1):
@@ -154,8 +150,7 @@ class VectorEnv:
         return np.stack([self.envs[i].reset(seed=None if seed is None else seed + int(i))[0] for i in ids])
 
     def _step(self, ids: np.ndarray, actions: np.ndarray):
-        """Step envs `ids`, each action held `action_repeat` simulator steps (rewards summed; an episode's end stops
-        it): observations, rewards, terminated, truncated."""
+        """Envs `ids` hold each action for `action_repeat` simulator steps (rewards summed) or to the episode's end."""
         actions = np.asarray(actions)
         obs, reward, term, trunc = self._sim_step(ids, actions)
         for _ in range(self.spec.action_repeat - 1):
@@ -242,12 +237,8 @@ class RunningMeanStd:
     def load_state_dict(self, state: dict) -> None:
         self.mean, self.var, self.count = state["mean"].copy(), state["var"].copy(), state["count"]
 
-    def copy(self) -> RunningMeanStd:
-        return copy.deepcopy(self)
-
 def evaluate(spec: EnvSpec, act: Callable[[np.ndarray], np.ndarray], num_episodes: int, seed: int) -> np.ndarray:
-    """Return of the first episode of `num_episodes` fresh envs (env i seeded seed + i), stepped as one batch: fixed
-    seeds pair evaluations. `act` maps raw observations (B, obs_dim) to actions in [-1, 1] (B, act_dim)."""
+    """Returns of one episode in each of `num_episodes` envs seeded seed + i (paired); act: raw obs -> actions."""
     envs = VectorEnv(spec, num_episodes, seed)
     obs, _ = envs.reset()
     returns, active = np.zeros(num_episodes), np.ones(num_episodes, bool)
@@ -290,12 +281,10 @@ def check_render(spec: EnvSpec) -> None:
     finally:
         env.close()
 
-EVAL_COLUMNS = ["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag", "episode_returns"]
 MAY_BE_ZERO = ("seed", "eval_seed", "decoder_fresh_steps", "learning_starts")  # every other count must be > 0
 
 def stage_ends(budget: int, num_stages: int, fractions: tuple[float, ...]) -> list[int]:
-    """Where each stage ends in a budget of env steps or iterations: by --stage-fractions, or stage 0 takes 2/3
-    and the later stages share the rest equally (few, late boundaries; README, details)."""
+    """Where each stage ends in `budget`: by --stage-fractions, or 2/3 for stage 0 and equal shares after (detail 2)."""
     rest = [(1.0 - 2 / 3) / (num_stages - 1)] * (num_stages - 1) if num_stages > 1 else []
     f = np.asarray(fractions or [2 / 3] + rest, dtype=np.float64)
     return [int(x) for x in np.round(np.cumsum(f) / f.sum() * budget)]
@@ -372,8 +361,7 @@ def write_checkpoint(path: str, payload: dict) -> None:
         reason = cause.strerror if isinstance(cause, OSError) and cause.strerror else str(err).strip().split("\n")[0]
         raise CheckpointWriteError(f"could not write checkpoint {path}: {reason}") from None
 
-def part_state(part):
-    """What a checkpoint keeps of one part named in Run.restore (load_part puts it back)."""
+def part_state(part):  # what a checkpoint keeps of one part named in Run.restore (load_part puts it back)
     if isinstance(part, np.random.Generator):
         return part.bit_generator.state
     if isinstance(part, torch.Tensor):
@@ -391,8 +379,7 @@ def load_part(part, state) -> None:
         part.load_state_dict(state)
 
 class Run:
-    """Everything around the algorithm: the command line (--resume, --eval-only, one-line errors), the run directory
-    (tensorboard, eval.csv, checkpoint.pt) and, between iterations, evals, videos, checkpoints, signals, NaN stops."""
+    """Around the algorithm: the command line, the run directory, and evals, checkpoints, signals between iterations."""
 
     def __init__(self, args_type, script: str, validate: Callable, build_act: Callable):
         args, self.script, self.ckpt, resume_dir = tyro.cli(args_type), script, None, None
@@ -435,47 +422,20 @@ class Run:
             "eval": 0, "video": args.video_interval, "checkpoint": args.checkpoint_interval}}
         self.due_at, self.eval_rows, self.seconds = state["due_at"], state["eval_rows"], state["seconds"]
         self.start_time = time.time() - state["wall_time_s"]
-        self._open_logs(resume=ckpt is not None)
-        self.interrupt_signal: Optional[int] = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-        from tqdm import tqdm
-        self.pbar = tqdm(total=args.total_timesteps, initial=self.global_step, unit="step", unit_scale=True,
-                         mininterval=0.5, dynamic_ncols=True, disable=os.environ.get("GORL_NO_PROGRESS") == "1")
-        self.make_act: Callable = lambda seed=None: None  # the script sets it: the composite policy as a function
-
-    def restore(self, envs: VectorEnv, **parts) -> np.ndarray:
-        """Name what a checkpoint holds (networks, optimisers, statistics, buffers, generators); on --resume, load
-        it, replay the envs to the saved step and continue the random streams. Returns the current observations."""
-        self.envs, self.parts = envs, parts
-        if self.ckpt is None:
-            print(f"run directory: {self.run_dir}; device {self.device}")
-            return envs.reset()[0]
-        for name, part in parts.items():
-            load_part(part, self.ckpt[name])
-        obs = envs.load_state_dict(self.ckpt["envs"])
-        rng = self.ckpt["random_state"]
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        print(f"resuming {self.run_dir} at env step {self.global_step} (stage {self.stage})")
-        return obs
-
-    def _open_logs(self, resume: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
         os.makedirs(self.run_dir, exist_ok=True)
         # Events after the checkpoint's step are dropped (purge_step); those at it were logged before it.
-        self.writer = SummaryWriter(self.run_dir, purge_step=self.global_step + 1 if resume else None)
-        self.csv_file = open(os.path.join(self.run_dir, "eval.csv"), "r+" if resume else "a", newline="")
+        self.writer = SummaryWriter(self.run_dir, purge_step=self.global_step + 1 if ckpt else None)
+        self.csv_file = open(os.path.join(self.run_dir, "eval.csv"), "r+" if ckpt else "a", newline="")
         self.csv = csv.writer(self.csv_file, lineterminator="\n")
-        if resume:  # drop rows logged after the checkpoint, so nothing is written twice
+        if ckpt:  # drop rows logged after the checkpoint, so nothing is written twice
             kept = self.csv_file.readlines()[: 1 + self.eval_rows]
             self.csv_file.seek(0)
             self.csv_file.truncate()
             self.csv_file.writelines(kept)
             self.csv_file.flush()  # on disk now: a run killed before its next row must not lose them
         else:
-            self.csv.writerow(EVAL_COLUMNS)
+            self.csv_file.write("global_step,stage,return_mean,return_std,wall_time_s,tag,episode_returns\n")
             self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in sorted(vars(self.args).items())))
         self.wandb = None
@@ -490,19 +450,40 @@ class Run:
             except Exception as err:
                 print(f"wandb online init failed ({type(err).__name__}); logging offline", file=sys.stderr)
                 self.wandb = wandb.init(mode="offline", **kwargs)
+        self.interrupt_signal: Optional[int] = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        from tqdm import tqdm
+        self.pbar = tqdm(total=args.total_timesteps, initial=self.global_step, unit="step", unit_scale=True,
+                         mininterval=0.5, dynamic_ncols=True, disable=os.environ.get("GORL_NO_PROGRESS") == "1")
+
+    def restore(self, envs: VectorEnv, make_act: Callable, **parts) -> np.ndarray:
+        """make_act(seed=None): the composite policy, obs -> actions, that evaluations run. `parts`: what a checkpoint
+        holds; on --resume they are loaded, the envs replayed and the random streams continued. Returns the obs."""
+        self.envs, self.make_act, self.parts = envs, make_act, parts
+        if self.ckpt is None:
+            print(f"run directory: {self.run_dir}; device {self.device}")
+            return envs.reset()[0]
+        for name, part in parts.items():
+            load_part(part, self.ckpt[name])
+        obs = envs.load_state_dict(self.ckpt["envs"])
+        random.setstate(self.ckpt["random_state"]["python"])
+        np.random.set_state(self.ckpt["random_state"]["numpy"])
+        torch.set_rng_state(self.ckpt["random_state"]["torch"])
+        print(f"resuming {self.run_dir} at env step {self.global_step} (stage {self.stage})")
+        return obs
 
     def wall_time(self) -> float:
-        """Seconds of training so far, across interruptions."""
         return time.time() - self.start_time
 
-    def log(self, scalars: dict, step: Optional[int] = None) -> None:
-        """Tensorboard scalars at `step` (default: now), plus throughput and the stage."""
-        step, wall = self.global_step if step is None else step, self.wall_time()
+    def log(self, scalars: dict) -> None:
+        """Tensorboard scalars at the current env step, plus throughput and the stage."""
+        wall = self.wall_time()
         scalars = {**scalars, "charts/stage": self.stage, "charts/SPS": self.global_step / wall,
                    "charts/env_time_fraction": self.envs.step_seconds / wall,
                    **{f"charts/{k}_time_fraction": v / wall for k, v in self.seconds.items()}}
         for name, value in scalars.items():
-            self.writer.add_scalar(name, float(value), step)
+            self.writer.add_scalar(name, float(value), self.global_step)
 
     def count_env_steps(self, n: int, infos: dict) -> None:
         """Advance the env-step counter; log episodes that ended in this step at the step they ended."""
@@ -518,12 +499,8 @@ class Run:
         yield  # an exception here ends the run: its seconds no longer matter
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
-    def print(self, message: str) -> None:
-        self.pbar.write(message)
-
     def evaluate(self, tag: str) -> np.ndarray:
-        """Deterministic returns of the composite policy on the fixed eval seeds, as an eval.csv row tagged
-        'periodic', 'boundary_before', 'boundary_after' or 'final'."""
+        """Deterministic returns on the eval seeds, an eval.csv row tagged periodic, boundary_before/_after or final."""
         returns = evaluate(self.env, self.make_act(), self.args.eval_episodes, self.args.eval_seed)
         self.csv.writerow([self.global_step, self.stage, f"{returns.mean():.4f}", f"{returns.std():.4f}",
                            f"{self.wall_time():.1f}", tag, " ".join(f"{r:.4f}" for r in returns)])
@@ -538,8 +515,8 @@ class Run:
             record_video(self.env, self.make_act(), self.args.seed,
                          os.path.join(self.run_dir, "videos", f"{name}_step{self.global_step}.mp4"))
 
-    def due(self, name: str, interval: int) -> bool:
-        """True once each time the env-step counter passes the next multiple of `interval`."""
+    def claim_due(self, name: str, interval: int) -> bool:
+        """Whether event `name` is due; if so, claim it: the next falls due at the next multiple of `interval`."""
         if self.global_step < self.due_at.setdefault(name, 0):
             return False
         self.due_at[name] = (self.global_step // interval + 1) * interval
@@ -548,25 +525,23 @@ class Run:
     def tick(self) -> None:
         """After each iteration: evaluate, film and checkpoint when due; on Ctrl-C / SIGTERM, checkpoint and exit."""
         self.pbar.update(self.global_step - self.pbar.n)
-        if self.due("eval", self.args.eval_interval):
+        if self.claim_due("eval", self.args.eval_interval):
             returns = self.evaluate("periodic")
             self.pbar.set_postfix(stage=f"{self.stage + 1}/{self.args.num_stages}", eval=f"{returns.mean():.1f}",
                                   sps=f"{self.global_step / self.wall_time():.0f}")
-        if self.args.capture_video and self.due("video", self.args.video_interval):
+        if self.args.capture_video and self.claim_due("video", self.args.video_interval):
             self.video("train")
         if self.interrupt_signal is not None:
             self._exit_interrupted("the checkpoint just written" if self.save() else None)
-        if self.due("checkpoint", self.args.checkpoint_interval):
+        if self.claim_due("checkpoint", self.args.checkpoint_interval):
             self.save()
 
-    def end_stage(self) -> None:
-        """Checkpoint at the end of Phase 1: the resume point should the refit be interrupted."""
+    def end_stage(self) -> None:  # the end of Phase 1: the resume point should the refit be interrupted
         self.video(f"stage{self.stage}_end")
         self.save()
 
     def start_stage(self, stage: int) -> np.ndarray:
-        """After the refit and the reset: evaluate the new composite policy ('boundary_after', returned) and
-        checkpoint, so a crash later in the stage does not repeat the refit."""
+        """After the refit and the reset: the 'boundary_after' returns, and a checkpoint (no refit is repeated)."""
         self.stage = stage
         after = self.evaluate("boundary_after")
         self.video(f"stage{stage}_start")
@@ -576,11 +551,9 @@ class Run:
     def stop_requested_in_refit(self) -> None:
         """Called inside the refit: on Ctrl-C / SIGTERM exit; resuming restarts the refit from the stage end."""
         if self.interrupt_signal is not None:
-            self._exit_interrupted("the stage-end checkpoint (the decoder refit restarts)" if self.args.save_model
-                                   else None)
+            self._exit_interrupted("the stage-end checkpoint (the refit restarts)" if self.args.save_model else None)
 
-    def save(self, finished: bool = False) -> bool:
-        """Atomic checkpoint.pt: everything --resume needs, and what --eval-only reads."""
+    def save(self, finished: bool = False) -> bool:  # atomic checkpoint.pt: all that --resume and --eval-only read
         if not self.args.save_model:
             return False
         payload = {"script": self.script, "args": vars(self.args), "global_step": self.global_step,
@@ -597,15 +570,13 @@ class Run:
             self._fail(str(err))
         return True
 
-    def check_finite(self, named: dict) -> None:
-        """Stop at once, naming the first non-finite value; the last checkpoint on disk stays good."""
+    def check_finite(self, named: dict) -> None:  # stop, naming the first non-finite value; the checkpoint stays
         if (name := first_nonfinite(named)) is not None:
             kept = f"the last good checkpoint {self.checkpoint_path} stays" if os.path.exists(self.checkpoint_path) \
                 else "no checkpoint was written yet"
             self._fail(f"non-finite {name} at stage {self.stage}, env step {self.global_step}; stopped ({kept})")
 
-    def _fail(self, message: str) -> None:
-        """One line on stderr, the logs closed, exit code 1."""
+    def _fail(self, message: str) -> None:  # one line on stderr, the logs closed, exit code 1
         print(f"error: {message}", file=sys.stderr)
         self._close()
         sys.exit(1)
@@ -626,8 +597,7 @@ class Run:
         print(f"\n{signal.Signals(signum).name}: finishing the current update, then saving a checkpoint "
               "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
 
-    def _exit_interrupted(self, resume_from: Optional[str]) -> None:
-        """resume_from: the checkpoint to resume from, None under --no-save-model."""
+    def _exit_interrupted(self, resume_from: Optional[str]) -> None:  # resume_from: None with --no-save-model
         self._close()
         how = "no checkpoint (--no-save-model)" if resume_from is None else \
             f"resume from {resume_from} with:\n    python {self.script}.py --resume {self.run_dir}"
@@ -642,8 +612,7 @@ class Run:
             self.wandb.finish()
 
 def first_nonfinite(named: dict) -> Optional[str]:
-    """The name of the first value holding a NaN or inf: a tensor/number, or a list of tensors (parameters,
-    checked through their norms in one fused call). None when all are finite."""
+    """The name of the first non-finite value (a number, a tensor or a list of tensors, by their norms), or None."""
     values = [torch.stack(torch._foreach_norm([v.detach() for v in value])) if isinstance(value, (list, tuple))
               else torch.as_tensor(value).detach().reshape(-1) for value in named.values()]
     if bool(torch.isfinite(torch.cat([v.float().cpu() for v in values])).all()):  # the common case: one check

@@ -12,6 +12,7 @@ README "Implementation details" explains each numbered choice cited below as (de
 from __future__ import annotations
 
 import collections
+import copy
 import time
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -112,6 +113,8 @@ class Args:
     """share of the refit data held out; the best validation weights are kept"""
     decoder_val_every: int = 100
     """decoder steps between validation checks"""
+    decoder_split_first_layer: bool = False
+    """speed: the state and time shares of the first layer once per decode, not per Euler step (detail 12)"""
     u_clip: float = 3.0
     """refit targets are clipped to |u| <= u_clip"""
     # ---- evaluation ----
@@ -195,12 +198,13 @@ class FlowDecoder(nn.Module):
     """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
 
     velocity v_phi(s, x, emb(t)) is an MLP with SiLU, emb(t) = [cos(2^j t), sin(2^j t)], j = 0..3. The
-    last layer starts at zero, so v = 0 and g(s, eps) = eps: stage 0 is plain tanh-Gaussian PPO. The
-    decoder normalises observations with statistics frozen at its refit (detail 5)."""
+    last layer starts at zero, so g(s, eps) = eps: stage 0 is the plain tanh-Gaussian twin. The decoder
+    normalises observations with statistics frozen at its refit (detail 5)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int,
+                 split_first_layer: bool = False):
         super().__init__()
-        self.euler_steps = euler_steps
+        self.euler_steps, self.split_first_layer = euler_steps, split_first_layer
         dims = [obs_dim + act_dim + 8] + [hidden] * layers
         hidden_layers = [m for a, b in zip(dims[:-1], dims[1:]) for m in (nn.Linear(a, b), nn.SiLU())]
         self.out = nn.Linear(hidden, act_dim)
@@ -215,30 +219,52 @@ class FlowDecoder(nn.Module):
     def normalize(self, obs: torch.Tensor) -> torch.Tensor:
         return ((obs - self.obs_mean) / torch.sqrt(self.obs_var + 1e-8)).clamp(-10.0, 10.0)
 
-    def velocity(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # s (B, obs_dim), x (B, d), t (B, 1) -> velocity (B, d)
-        emb = torch.cat([torch.cos(self.freqs * t), torch.sin(self.freqs * t)], dim=-1)  # (B, 8)
-        return self.net(torch.cat([s, x, emb], dim=-1))
+    def embed(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([torch.cos(self.freqs * t), torch.sin(self.freqs * t)], dim=-1)  # (B, 8)
 
-    def forward(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t). No clipping inside."""
-        if self.is_identity:
-            return eps
+    def velocity(self, s: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([s, x, self.embed(t)], dim=-1))  # s (B, obs_dim), x (B, d), t (B, 1) -> (B, d)
+
+    def integrate(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t), no clipping inside.
+        Differentiable in eps (GoRL-SAC's actor gradient reaches the latent through it)."""
         s, x, dt = self.normalize(obs), eps, 1.0 / self.euler_steps
         for k in range(self.euler_steps):
             x = x - dt * self.velocity(s, x, torch.full_like(x[:, :1], 1.0 - k * dt))
         return x  # u, (B, d)
 
+    def integrate_split(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """`integrate` with the first layer split by input, W [s; x; emb] = W_s s + W_x x + W_e emb: the state
+        and time shares do not depend on x, so they are computed once per decode (equal up to rounding)."""
+        first, *rest = [m for m in self.net if isinstance(m, nn.Linear)]
+        w_s, w_x, w_e = first.weight.split([obs.shape[-1], eps.shape[-1], 8], dim=1)
+        dt = 1.0 / self.euler_steps
+        t = 1.0 - dt * torch.arange(self.euler_steps, dtype=eps.dtype, device=eps.device)[:, None]  # (N, 1)
+        h_state = nn.functional.linear(self.normalize(obs), w_s, first.bias)  # (B, hidden)
+        h_time, w_x, x = self.embed(t) @ w_e.T, w_x.T.contiguous(), eps  # (N, hidden), (d, hidden)
+        for k in range(self.euler_steps):
+            h = torch.addmm(h_state + h_time[k], x, w_x)  # the first layer, (B, hidden)
+            for layer in rest:
+                h = layer(nn.functional.silu(h))
+            x = x - dt * h  # h is the velocity, (B, d)
+        return x
+
+    def forward(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        if self.is_identity:
+            return eps
+        return self.integrate_split(obs, eps) if self.split_first_layer else self.integrate(obs, eps)
+
 def make_networks(obs_dim: int, act_dim: int, args: Args, device) -> tuple[LatentPolicy, Critic, FlowDecoder]:
     """The latent policy (latent dim = |A|), the critic and the decoder, identity until its first refit."""
     return (LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, args.activation).to(device),
             Critic(obs_dim, args.critic_hidden, args.critic_layers, args.activation).to(device),
-            FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device))
+            FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
+                        args.decoder_split_first_layer).to(device))
 
 # ---- Phase 1: PPO in latent space ----
 
 def gaussian_log_prob(eps: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """log N(eps; mu, diag(sigma^2)) summed over dims, (B,)."""
+    """log N(eps; mu, diag(sigma^2)) summed over dims, (B,): the latent log-likelihood."""
     return (-0.5 * ((eps - mu) / sigma).pow(2) - sigma.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
 
 def prior_penalty(mu: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
@@ -324,14 +350,14 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             critic_grad = nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             if not torch.isfinite(loss + policy_grad + critic_grad):  # checked before the step reaches the weights
                 run.check_finite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
-                                  "losses/prior_kl": penalty, "losses/entropy": entropy,
+                                  f"losses/prior_{args.prior_penalty}": penalty, "losses/entropy": entropy,
                                   "gradient norm of the policy": policy_grad,
                                   "gradient norm of the critic": critic_grad})
             optimizer.step()
     run.check_finite({"policy parameters": list(policy.parameters()), "critic parameters": list(critic.parameters())})
     explained_var = 1.0 - (b["returns"] - b["values"]).var() / (b["returns"].var() + 1e-8)
     return {"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(), "losses/entropy": entropy.item(),
-            "losses/prior_kl": penalty.item(), "losses/approx_kl": np.mean(approx_kls),
+            f"losses/prior_{args.prior_penalty}": penalty.item(), "losses/approx_kl": np.mean(approx_kls),
             "losses/clipfrac": np.mean(clipfracs), "losses/explained_variance": explained_var.item(),
             "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/latent_mu_abs": mu.abs().mean().item(),
             "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
@@ -352,8 +378,10 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
                 var_floor: Optional[torch.Tensor] = None):
     """A fresh decoder fit on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a function idx -> u
     drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights; `stop`
-    runs at every validation (Ctrl-C). Returns (decoder, stats); a non-finite loss ends the fit early."""
-    decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps).to(device)
+    runs at every validation (Ctrl-C). Returns the frozen decoder and stats; a non-finite loss ends it early."""
+    start = time.time()
+    decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
+                          args.decoder_split_first_layer).to(device)
     decoder.obs_mean.copy_(obs.mean(0))  # the refit data's own statistics, frozen from now on (detail 5)
     # A dimension near-constant in the refit window (a quiet touch sensor) must not divide by ~0 (detail 5).
     decoder.obs_var.copy_(obs.var(0) if var_floor is None else torch.maximum(obs.var(0), var_floor))
@@ -388,7 +416,8 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
                 best, best_state = current, {k: v.clone() for k, v in decoder.state_dict().items()}
     if best_state is not None:
         decoder.load_state_dict(best_state)
-    return decoder, {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
+    return decoder.requires_grad_(False), {"train_loss": train_loss, "val_loss": best, "pairs": len(obs),
+                                      "seconds": time.time() - start}
 
 @torch.no_grad()
 def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generator, samples: int = 32) -> dict:
@@ -416,7 +445,7 @@ def reset_latent_policy(policy: LatentPolicy, optimizer: torch.optim.Optimizer) 
 def make_act(policy, decoder, obs_rms, device, stochastic_seed: Optional[int] = None):
     """The composite policy with frozen observation statistics: a = tanh(g(s, mu)), or with a seed
     a = tanh(g(s, mu + sigma xi)) from its own generator (evaluating never moves the training stream)."""
-    frozen = obs_rms.copy()
+    frozen = copy.deepcopy(obs_rms)
     generator = None if stochastic_seed is None else torch.Generator(device=device).manual_seed(stochastic_seed)
 
     @torch.no_grad()
@@ -469,9 +498,8 @@ if __name__ == "__main__":
     obs_rms = common.RunningMeanStd((obs_dim,))
     # (raw obs, executed u) of the latest rollouts: the current composite policy's, for the next refit (detail 4)
     refit_data = collections.deque(maxlen=fresh_rollouts or -(-args.decoder_data_steps // batch_size))
-    obs = run.restore(envs, policy=policy, critic=critic, decoder=decoder, optimizer=optimizer, obs_rms=obs_rms,
-                      refit_data=refit_data)
-    run.make_act = lambda seed=None: make_act(policy, decoder, obs_rms, device, seed)
+    obs = run.restore(envs, lambda seed=None: make_act(policy, decoder, obs_rms, device, seed), policy=policy,
+                      critic=critic, decoder=decoder, optimizer=optimizer, obs_rms=obs_rms, refit_data=refit_data)
 
     for stage in range(run.stage, args.num_stages):
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
@@ -493,7 +521,6 @@ if __name__ == "__main__":
             break
 
         # ---- Phase 2: refit the decoder to the current composite policy ----
-        fit_start = time.time()
         if fresh_rollouts:  # on-policy data collected now with the frozen policy; these env steps count
             refit_data.clear()
             for _ in range(fresh_rollouts):
@@ -533,8 +560,9 @@ if __name__ == "__main__":
         after = run.start_stage(stage + 1)  # evaluates the new composite policy, then checkpoints
         run.log({**diagnostics, "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
                  "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
-                 "charts/decoder_fit_seconds": time.time() - fit_start})
-        run.print(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss {fit['val_loss']:.3f} on "
-                  f"{fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
-                  f"{diagnostics['charts/boundary_action_rms']:.3f}; {time.time() - fit_start:.1f}s")
+                 "charts/decoder_fit_seconds": fit["seconds"]})
+        run.pbar.write(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss "
+                       f"{fit['val_loss']:.3f} on {fit['pairs']} pairs; eval {before.mean():.1f} -> "
+                       f"{after.mean():.1f}; action RMS {diagnostics['charts/boundary_action_rms']:.3f}; "
+                       f"{fit['seconds']:.1f}s")
     run.finish()

@@ -93,7 +93,9 @@ class Args:
     decoder_noise_draws: int = 4
     """independent (eps, t) draws per pair and step"""
     decoder_lr: float = 1e-3
-    """decoder Adam learning rate, decayed to 0 along a cosine over the refit"""
+    """decoder Adam learning rate"""
+    decoder_cosine: bool = True
+    """decay the decoder learning rate to 0 along a cosine over the refit"""
     decoder_val_fraction: float = 0.1
     """share of the refit data held out; the best validation weights are kept"""
     decoder_val_every: int = 100
@@ -198,11 +200,11 @@ class FlowDecoder(nn.Module):
     """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
 
     velocity v_phi(s, x, emb(t)) is an MLP with SiLU, emb(t) = [cos(2^j t), sin(2^j t)], j = 0..3. The
-    last layer starts at zero, so g(s, eps) = eps: stage 0 is plain tanh-Gaussian SAC. The decoder
+    last layer starts at zero, so g(s, eps) = eps: stage 0 is the plain tanh-Gaussian twin. The decoder
     normalises observations with statistics frozen at its refit (detail 5)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int,
-                 split_first_layer: bool = True):
+                 split_first_layer: bool = False):
         super().__init__()
         self.euler_steps, self.split_first_layer = euler_steps, split_first_layer
         dims = [obs_dim + act_dim + 8] + [hidden] * layers
@@ -226,8 +228,8 @@ class FlowDecoder(nn.Module):
         return self.net(torch.cat([s, x, self.embed(t)], dim=-1))  # s (B, obs_dim), x (B, d), t (B, 1) -> (B, d)
 
     def integrate(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t). Differentiable in eps:
-        this is how the actor's gradient reaches the latent through the frozen decoder."""
+        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t), no clipping inside.
+        Differentiable in eps (GoRL-SAC's actor gradient reaches the latent through it)."""
         s, x, dt = self.normalize(obs), eps, 1.0 / self.euler_steps
         for k in range(self.euler_steps):
             x = x - dt * self.velocity(s, x, torch.full_like(x[:, :1], 1.0 - k * dt))
@@ -321,7 +323,7 @@ def critic_update(batch, actor, decoder, qf, qf_target, q_optimizer, alpha: floa
     """One step on all critics. Returns (loss, Q values (n, B), gradient norm)."""
     target = q_target(batch, actor, decoder, qf_target, alpha, gamma)
     q = qf(batch["obs"], batch["action"])  # (n, B)
-    q_loss = (q - target).pow(2).mean(1).sum()
+    q_loss = (q - target).pow(2).mean(1).sum()  # each critic's own mean squared error, summed over the critics
     q_optimizer.zero_grad(set_to_none=True)
     q_loss.backward()
     q_grad_norm = nn.utils.get_total_norm([p.grad for p in qf.parameters()])
@@ -344,8 +346,8 @@ def actor_update(batch, actor, decoder, qf, actor_optimizer, alpha: float, kl_co
 # ---- Phase 2: refit the decoder by fixed-prior flow matching ----
 
 def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -> torch.Tensor:
-    """x_t = t eps + (1 - t) u, target velocity eps - u, with eps ~ N(0, I) fresh and independent of the
-    latent that produced u: the decoder learns to push the fixed prior onto the actions."""
+    """x_t = t eps + (1 - t) u, target velocity eps - u, with eps ~ N(0, I) drawn fresh, independent of
+    the latent that produced u: the decoder learns to push the fixed prior onto the actions."""
     s, u = s.repeat(draws, 1), u.repeat(draws, 1)  # (draws * B, .)
     eps = torch.randn(u.shape, generator=generator, device=u.device)
     t = torch.rand((u.shape[0], 1), generator=generator, device=u.device)
@@ -355,11 +357,12 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
 def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
                 var_floor: Optional[torch.Tensor] = None):
     """A fresh decoder fit on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a function idx -> u
-    drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights and
-    returns the decoder frozen; `stop` runs at every validation (Ctrl-C)."""
+    drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights; `stop`
+    runs at every validation (Ctrl-C). Returns the frozen decoder and stats; a non-finite loss ends it early."""
+    start = time.time()
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device)
-    decoder.obs_mean.copy_(obs.mean(0))  # the refit data's own statistics, frozen with the decoder (detail 5)
+    decoder.obs_mean.copy_(obs.mean(0))  # the refit data's own statistics, frozen from now on (detail 5)
     # A dimension near-constant in the refit window (a quiet touch sensor) must not divide by ~0 (detail 5).
     decoder.obs_var.copy_(obs.var(0) if var_floor is None else torch.maximum(obs.var(0), var_floor))
     decoder.is_identity.fill_(False)
@@ -370,8 +373,8 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
     val, train = perm[:n_val], perm[n_val:]
     u_val = draw(val).clamp(-args.u_clip, args.u_clip)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr, fused=True)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + np.cos(np.pi * step / args.decoder_train_steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (
+        1.0 + np.cos(np.pi * step / args.decoder_train_steps)) if args.decoder_cosine else 1.0)
     val_gen = torch.Generator(device=device)
     best, best_state, train_loss = float("inf"), None, float("nan")
     for step in range(1, args.decoder_train_steps + 1):
@@ -393,7 +396,8 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
                 best, best_state = current, {k: v.clone() for k, v in decoder.state_dict().items()}
     if best_state is not None:
         decoder.load_state_dict(best_state)
-    return decoder.requires_grad_(False), {"train_loss": train_loss, "val_loss": best, "pairs": len(obs)}
+    return decoder.requires_grad_(False), {"train_loss": train_loss, "val_loss": best, "pairs": len(obs),
+                                      "seconds": time.time() - start}
 
 @torch.no_grad()
 def boundary_diagnostics(actor, old_decoder, new_decoder, obs, generator, samples: int = 32) -> dict:
@@ -483,10 +487,9 @@ if __name__ == "__main__":
     alpha_optimizer = torch.optim.Adam([log_alpha], lr=args.q_lr, fused=True)
     target_entropy = args.entropy_target * act_dim
     buffer = ReplayBuffer(args.buffer_size, obs_dim, act_dim)
-    obs = run.restore(envs, actor=actor, qf=qf, qf_target=qf_target, decoder=decoder, log_alpha=log_alpha,
-                      actor_optimizer=actor_optimizer, q_optimizer=q_optimizer, alpha_optimizer=alpha_optimizer,
-                      buffer=buffer, np_rng=rng)
-    run.make_act = lambda seed=None: make_act(actor, decoder, device, seed)
+    obs = run.restore(envs, lambda seed=None: make_act(actor, decoder, device, seed), actor=actor, qf=qf,
+                      qf_target=qf_target, decoder=decoder, log_alpha=log_alpha, actor_optimizer=actor_optimizer,
+                      q_optimizer=q_optimizer, alpha_optimizer=alpha_optimizer, buffer=buffer, np_rng=rng)
     alpha = log_alpha.exp().item() if args.autotune else args.alpha
     num_updates = int(args.updates_per_step * max(0, run.global_step - args.learning_starts))
     actor_loss = None  # the newest actor update's loss, for the logs
@@ -532,10 +535,10 @@ if __name__ == "__main__":
                     run.check_finite(checks)  # nothing is saved after a bad step: the checkpoint on disk stays good
                     with torch.no_grad():  # Polyak averaging, one fused op over all parameters
                         torch._foreach_lerp_(list(qf_target.parameters()), list(qf.parameters()), args.tau)
-            if actor_loss is not None and run.due("log", 1000):  # the newest update's statistics
+            if actor_loss is not None and run.claim_due("log", 1000):  # the newest update's statistics
                 run.check_finite({"actor parameters": list(actor.parameters()),
                                   "critic parameters": list(qf.parameters())})
-                run.log({"losses/q_loss": q_loss.item() / 2, "losses/q_values": q.mean().item(),
+                run.log({"losses/q_loss": q_loss.item() / args.num_critics, "losses/q_values": q.mean().item(),
                          "losses/actor_loss": actor_loss.item(), "losses/alpha": alpha,
                          "losses/prior_kl": kl_to_prior(mu, sigma).mean().item(),
                          "losses/entropy_estimate": -logp.mean().item(), "charts/latent_sigma": sigma.mean().item(),
@@ -548,7 +551,6 @@ if __name__ == "__main__":
             break
 
         # ---- Phase 2: refit the decoder to the current composite policy, on the newest buffer states ----
-        fit_start = time.time()
         before = run.evaluate("boundary_before")
         newest = buffer.latest(args.decoder_data_steps)
         data_obs = torch.as_tensor(newest["obs"], device=device)
@@ -574,8 +576,9 @@ if __name__ == "__main__":
         after = run.start_stage(stage + 1)  # evaluates the new composite policy, then checkpoints
         run.log({**diagnostics, "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
                  "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
-                 "charts/decoder_fit_seconds": time.time() - fit_start})
-        run.print(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss {fit['val_loss']:.3f} on "
-                  f"{fit['pairs']} pairs; eval {before.mean():.1f} -> {after.mean():.1f}; action RMS "
-                  f"{diagnostics['charts/boundary_action_rms']:.3f}; alpha {alpha:.4f}; {time.time() - fit_start:.1f}s")
+                 "charts/decoder_fit_seconds": fit["seconds"]})
+        run.pbar.write(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss "
+                       f"{fit['val_loss']:.3f} on {fit['pairs']} pairs; eval {before.mean():.1f} -> "
+                       f"{after.mean():.1f}; action RMS {diagnostics['charts/boundary_action_rms']:.3f}; "
+                       f"alpha {alpha:.4f}; {fit['seconds']:.1f}s")
     run.finish(f", {num_updates} updates; updates {run.seconds.get('update', 0.0) / run.wall_time():.0%}")

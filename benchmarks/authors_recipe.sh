@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The authors' dm_control configuration of GoRL-PPO (their configs/methods/gorl_fm.toml and
 # configs/tasks/*.toml), as gorl_ppo.py flags. Usage: benchmarks/authors_recipe.sh TASK [more flags]
-# Extra flags come last and win. README "Reproducing the paper" lists each knob and what still differs.
+# Extra flags come last and win; $PYTHON names the interpreter (default: python on PATH).
+# README "Reproducing the paper" lists each knob and what still differs.
 set -euo pipefail
 task=${1:?usage: benchmarks/authors_recipe.sh TASK [more gorl_ppo.py flags]}
 shift
@@ -11,7 +12,7 @@ gamma=0.995; decoder_hidden=128; u_clip=3.0
 cd "$(dirname "$0")/.."
 # Each update: 2048 envs x 480 steps = 983,040 env steps (the authors' 1024 x 32 sequences of 30 steps).
 # The 4096 fresh refit episodes (4,096,000 env steps at 1000 steps each) are counted in our budget.
-exec python gorl_ppo.py --env-id "$task" \
+exec "${PYTHON:-python}" gorl_ppo.py --env-id "$task" \
   --num-envs 2048 --num-steps 480 --num-minibatches 32 --update-epochs 16 \
   --learning-rate 1e-3 --lr-schedule constant --gamma "$gamma" --gae-lambda 0.95 \
   --ent-coef 0.01 --reward-scale 10 --max-grad-norm 0.5 \

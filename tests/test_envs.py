@@ -106,7 +106,7 @@ def test_envpool_threads_do_not_change_results():
 
 
 def test_auto_backend_avoids_envpool_where_its_port_differs():
-    # envpool's finger tasks differ from the Python suite (benchmarks/backend_parity.py, README)
+    # envpool's finger tasks differ from the Python suite (README, detail 12)
     assert common.resolve_env("finger-spin", "auto").backend == "dm_control"
     assert common.resolve_env("dm_control/finger-turn_hard-v0", "auto").backend == "dm_control"
     assert common.resolve_env("finger-spin", "envpool").backend == "envpool"  # still reachable on request

@@ -1,4 +1,4 @@
-"""Run lifecycle of both scripts (issue 4): exact resume, Ctrl-C/SIGTERM, non-finite stop,
+"""Run lifecycle of both scripts: exact resume, Ctrl-C/SIGTERM, non-finite stop,
 --eval-only with video, and one-line errors for bad input. Scripts run as subprocesses, as a user
 runs them."""
 
@@ -120,7 +120,7 @@ def test_ppo_interrupted_in_phase_1_and_in_a_refit_then_resumed_writes_the_same_
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out
-    assert "stage-end checkpoint (the decoder refit restarts)" in out
+    assert "stage-end checkpoint (the refit restarts)" in out
     # 3) resumed to the end.
     result = run("gorl_ppo", ["--resume", run_dir], tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]

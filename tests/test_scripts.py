@@ -150,7 +150,7 @@ def test_learning_rate_schedules_and_the_authors_recipe_flags(tmp_path):
     assert rates["run"][8] == pytest.approx(0.0005) and rates["stage"][8] == pytest.approx(0.001)
     assert rates["stage"][0] == pytest.approx(0.001) and rates["stage"][7] == pytest.approx(0.001 / 8)
     assert rates["constant"] == pytest.approx([0.001] * 16)
-    env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, GORL_NO_PROGRESS="1", PYTHONPATH=ROOT, PYTHON=sys.executable)  # not python on PATH
     recipe = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "authors_recipe.sh"), "tests.toy_envs:Toy-v0",
                              *tiny, "--decoder-fresh-steps", "64", "--decoder-batch-size", "64", "--eval-episodes", "2",
                              "--run-dir", str(tmp_path / "recipe")], cwd=tmp_path, env=env, capture_output=True,
