@@ -392,7 +392,7 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
     n_val = max(1, int(args.decoder_val_fraction * len(obs)))
     val, train = perm[:n_val], perm[n_val:]
     u_val = draw(val).clamp(-args.u_clip, args.u_clip)
-    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=args.decoder_lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (
         1.0 + np.cos(np.pi * step / args.decoder_train_steps)) if args.decoder_cosine else 1.0)
     val_gen = torch.Generator(device=device)
