@@ -302,13 +302,11 @@ def load_checkpoint(path: str, script: str) -> dict:
         raise UsageError(f"checkpoint {path!r} was written by {payload['script']}.py, not {script}.py")
     return payload
 
-def saved_args(args_type, ckpt: dict):
-    """The arguments the checkpoint's run started with (a resumed run continues with them)."""
+def saved_args(args_type, ckpt: dict):  # the arguments the checkpoint's run started with (a resumed run keeps them)
     saved = {"action_repeat": 1, "num_critics": 2, **ckpt["args"]}  # older checkpoints: the defaults they had
     return args_type(**{k: v for k, v in saved.items() if k in args_type.__dataclass_fields__})
 
-def check_args(args) -> None:
-    """The checks of the flags both scripts share, before anything is created."""
+def check_args(args) -> None:  # the checks of the flags both scripts share, before anything is created
     for name, value in vars(args).items():
         if type(value) is int and name not in MAY_BE_ZERO and value <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -320,6 +318,8 @@ def check_args(args) -> None:
         raise UsageError("--eval-stochastic only applies with --eval-only")
     if args.run_dir is not None and os.path.exists(args.run_dir):
         raise UsageError(f"--run-dir {args.run_dir!r} already exists; continue it with --resume {args.run_dir}")
+    if not 0.0 < args.decoder_val_fraction < 1.0:
+        raise UsageError(f"--decoder-val-fraction must be in (0, 1), got {args.decoder_val_fraction}")
     if args.stage_fractions and (len(args.stage_fractions) != args.num_stages or min(args.stage_fractions) <= 0):
         raise UsageError(f"--stage-fractions {' '.join(map(str, args.stage_fractions))} must be {args.num_stages} "
                          "positive numbers (one per stage)")

@@ -4,10 +4,8 @@
     u   = g_phi(s, eps)       flow-matching decoder: frozen during RL, refit between stages (slow, Phase 2)
     a   = tanh(u)             env action in [-1, 1]
 
-Zhang et al., "GoRL: An Algorithm-Agnostic Framework for Online Reinforcement Learning with Generative
-Policies", arXiv 2512.02581. `--num-stages 1` is tanh-Gaussian PPO at identical settings (the twin).
-README "Implementation details" explains each numbered choice cited below as (detail N).
-"""
+Zhang et al., "GoRL", arXiv 2512.02581. `--num-stages 1` is tanh-Gaussian PPO at identical settings (the twin).
+(detail N) cites the README's numbered implementation details."""
 
 from __future__ import annotations
 
@@ -49,8 +47,6 @@ class Args:
     """minibatches per epoch"""
     update_epochs: int = 10
     """epochs over each rollout"""
-    norm_adv: bool = True
-    """normalise advantages per minibatch"""
     clip_coef: float = 0.2
     """PPO clip coefficient"""
     clip_coef_late: Optional[float] = None
@@ -195,11 +191,8 @@ class Critic(nn.Module):
         return self.net(s).squeeze(-1)  # (B,)
 
 class FlowDecoder(nn.Module):
-    """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
-
-    velocity v_phi(s, x, emb(t)) is an MLP with SiLU, emb(t) = [cos(2^j t), sin(2^j t)], j = 0..3. The
-    last layer starts at zero, so g(s, eps) = eps: stage 0 is the plain tanh-Gaussian twin. The decoder
-    normalises observations with statistics frozen at its refit (detail 5)."""
+    """g_phi(s, eps), flow matching from N(0, I) to pre-tanh actions u: v_phi(s, x, emb(t)) is a SiLU MLP, emb(t) =
+    [cos(2^j t), sin(2^j t)], j < 4. Its last layer starts at zero, so g(s, eps) = eps: stage 0 is the twin."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int,
                  split_first_layer: bool = False):
@@ -226,16 +219,14 @@ class FlowDecoder(nn.Module):
         return self.net(torch.cat([s, x, self.embed(t)], dim=-1))  # s (B, obs_dim), x (B, d), t (B, 1) -> (B, d)
 
     def integrate(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t), no clipping inside.
-        Differentiable in eps (GoRL-SAC's actor gradient reaches the latent through it)."""
+        """Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t), no clipping; differentiable in eps."""
         s, x, dt = self.normalize(obs), eps, 1.0 / self.euler_steps
         for k in range(self.euler_steps):
             x = x - dt * self.velocity(s, x, torch.full_like(x[:, :1], 1.0 - k * dt))
         return x  # u, (B, d)
 
     def integrate_split(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """`integrate` with the first layer split by input, W [s; x; emb] = W_s s + W_x x + W_e emb: the state
-        and time shares do not depend on x, so they are computed once per decode (equal up to rounding)."""
+        """`integrate` with W [s; x; emb] = W_s s + W_x x + W_e emb: the s and t shares once per decode (detail 12)."""
         first, *rest = [m for m in self.net if isinstance(m, nn.Linear)]
         w_s, w_x, w_e = first.weight.split([obs.shape[-1], eps.shape[-1], 8], dim=1)
         dt = 1.0 / self.euler_steps
@@ -255,7 +246,6 @@ class FlowDecoder(nn.Module):
         return self.integrate_split(obs, eps) if self.split_first_layer else self.integrate(obs, eps)
 
 def make_networks(obs_dim: int, act_dim: int, args: Args, device) -> tuple[LatentPolicy, Critic, FlowDecoder]:
-    """The latent policy (latent dim = |A|), the critic and the decoder, identity until its first refit."""
     return (LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, args.activation).to(device),
             Critic(obs_dim, args.critic_hidden, args.critic_layers, args.activation).to(device),
             FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
@@ -268,16 +258,14 @@ def gaussian_log_prob(eps: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor) 
     return (-0.5 * ((eps - mu) / sigma).pow(2) - sigma.log() - 0.5 * np.log(2 * np.pi)).sum(-1)
 
 def prior_penalty(mu: torch.Tensor, sigma: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-sample pull toward N(0, I), (B,): the analytic KL(N(mu, sigma^2) || N(0, I)) =
-    0.5 * sum(mu^2 + sigma^2 - 1 - log sigma^2), or the authors' L2 surrogate mean_d(mu^2) + mean_d(sigma^2)."""
+    """Pull to N(0, I), (B,): KL = 0.5 sum(mu^2 + sigma^2 - 1 - log sigma^2), or the authors' mean(mu^2 + sigma^2)."""
     if kind == "kl":
         return 0.5 * (mu.pow(2) + sigma.pow(2) - 1.0 - 2.0 * sigma.log()).sum(-1)
     return (mu.pow(2) + sigma.pow(2)).mean(-1)
 
 def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, lam: float):
-    """GAE over (T, N). next_values[t] is V of the true next state (the final observation where an
-    episode ended), so a time-limit truncation still bootstraps and only a termination does not;
-    `dones` cuts the recursion between episodes."""
+    """GAE over (T, N). next_values[t] is V of the true next state (the final observation at an episode's end): a
+    time limit still bootstraps, a termination does not; `dones` cuts the recursion between episodes."""
     advantages, last = torch.zeros_like(rewards), torch.zeros_like(rewards[0])
     for t in reversed(range(rewards.shape[0])):
         delta = rewards[t] + gamma * next_values[t] * (1.0 - terminated[t]) - values[t]
@@ -285,10 +273,10 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, l
         advantages[t] = last
     return advantages, advantages + values
 
+@torch.no_grad()
 def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common.Run, frozen: bool = False):
-    """num_steps steps of the composite policy in every env: eps ~ pi(.|s), u = g(s, eps), a = tanh(u).
-    Returns the batch, flattened to (T * N, ...), with GAE advantages, and the next observation.
-    frozen: the observation statistics stay as they are (the policy is exactly the one being refit)."""
+    """num_steps of eps ~ pi(.|s), u = g(s, eps), a = tanh(u) in every env: the batch (T * N, ...) with GAE, and the
+    next obs. frozen: the observation statistics stay as they are (the policy is exactly the one being refit)."""
     keys = ("obs", "raw_obs", "eps", "u", "logp", "values", "rewards", "terminated", "dones", "final_values")
     b = {k: [] for k in keys}
     for step in range(args.num_steps):
@@ -296,25 +284,21 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
             obs_rms.update(obs)
         raw = torch.as_tensor(obs, dtype=torch.float32, device=run.device)
         s = torch.as_tensor(obs_rms.normalize(obs), device=run.device)
-        with torch.inference_mode():
-            mu, sigma = policy(s)
-            eps = mu + sigma * torch.randn_like(mu)  # latent action (N, d)
-            logp, value = gaussian_log_prob(eps, mu, sigma), critic(s)
-            u = decoder(raw, eps)  # pre-tanh action (N, d)
+        mu, sigma = policy(s)
+        eps = mu + sigma * torch.randn_like(mu)  # latent action (N, d)
+        logp, value = gaussian_log_prob(eps, mu, sigma), critic(s)
+        u = decoder(raw, eps)  # pre-tanh action (N, d)
         obs, reward, terminated, truncated, infos = envs.step(torch.tanh(u).cpu().numpy())
         run.count_env_steps(args.num_envs * args.action_repeat, infos)
         done = terminated | truncated
         final_values = torch.zeros(args.num_envs, device=run.device)
         if done.any():  # V of the true last observation: a truncated episode still bootstraps from it
-            with torch.no_grad():
-                final_values[done] = critic(torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]),
-                                                            device=run.device))
+            final_values[done] = critic(torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]), device=run.device))
         for k, v in zip(keys, (s, raw, eps, u, logp, value, reward * args.reward_scale, terminated, done,
                                final_values)):
             b[k].append(torch.as_tensor(v, dtype=torch.float32, device=run.device))
     b = {k: torch.stack(v) for k, v in b.items()}  # (T, N, ...)
-    with torch.no_grad():
-        last_values = critic(torch.as_tensor(obs_rms.normalize(obs), device=run.device))
+    last_values = critic(torch.as_tensor(obs_rms.normalize(obs), device=run.device))
     next_values = torch.where(b["dones"].bool(), b["final_values"], torch.cat([b["values"][1:], last_values[None]]))
     b["advantages"], b["returns"] = compute_gae(b["rewards"], b["values"], next_values, b["terminated"], b["dones"],
                                                 args.gamma, args.gae_lambda)
@@ -322,8 +306,7 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
 
 def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float, args: Args, run: common.Run) -> dict:
     """PPO epochs over one rollout. The ratio is over eps, so neither the decoder nor tanh enters it."""
-    batch_size = len(b["obs"])
-    minibatch_size = batch_size // args.num_minibatches
+    batch_size, minibatch_size = len(b["obs"]), len(b["obs"]) // args.num_minibatches
     clipfracs, approx_kls = [], []
     for epoch in range(args.update_epochs):
         perm = torch.randperm(batch_size, device=run.device)
@@ -336,8 +319,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
                 approx_kls.append(((ratio - 1) - log_ratio).mean().item())
                 clipfracs.append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
             adv = b["advantages"][mb]
-            if args.norm_adv:
-                adv = (adv - adv.mean()) / (adv.std() + 1e-8)
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # normalised per minibatch
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
             v_loss = 0.5 * (critic(b["obs"][mb]) - b["returns"][mb]).pow(2).mean()
             entropy = (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean()
@@ -351,8 +333,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             if not torch.isfinite(loss + policy_grad + critic_grad):  # checked before the step reaches the weights
                 run.check_finite({"losses/policy_loss": pg_loss, "losses/value_loss": v_loss,
                                   f"losses/prior_{args.prior_penalty}": penalty, "losses/entropy": entropy,
-                                  "gradient norm of the policy": policy_grad,
-                                  "gradient norm of the critic": critic_grad})
+                                  "policy gradient norm": policy_grad, "critic gradient norm": critic_grad})
             optimizer.step()
     run.check_finite({"policy parameters": list(policy.parameters()), "critic parameters": list(critic.parameters())})
     explained_var = 1.0 - (b["returns"] - b["values"]).var() / (b["returns"].var() + 1e-8)
@@ -376,9 +357,8 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
 
 def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
                 var_floor: Optional[torch.Tensor] = None):
-    """A fresh decoder fit on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a function idx -> u
-    drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights; `stop`
-    runs at every validation (Ctrl-C). Returns the frozen decoder and stats; a non-finite loss ends it early."""
+    """A fresh decoder fit on raw obs (M, obs_dim) and targets u (M, d), or idx -> fresh u at obs[idx]; the best
+    validation weights, frozen, and stats. `stop` runs at every check (Ctrl-C); a non-finite loss ends the fit."""
     start = time.time()
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device)
@@ -421,8 +401,7 @@ def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: i
 
 @torch.no_grad()
 def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generator, samples: int = 32) -> dict:
-    """Action-space checks of a refit (detail 6), since the flow-matching loss cannot tell a good fit:
-    old composite policy tanh(g_old(s, mu + sigma xi)) against the new one after the reset, tanh(g_new(s, xi))."""
+    """Action-space checks of a refit (detail 6): tanh(g_old(s, mu + sigma xi)) against tanh(g_new(s, xi))."""
     mu, sigma = policy(torch.as_tensor(obs_rms.normalize(obs.cpu().numpy()), device=obs.device))
     xi = torch.randn((samples, *mu.shape), generator=generator, device=obs.device)  # (S, B, d)
     obs_rep = obs.expand(samples, *obs.shape).reshape(-1, obs.shape[-1])
@@ -435,16 +414,14 @@ def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generat
             "charts/boundary_action_std_new": a_new.std(0).mean().item()}
 
 def reset_latent_policy(policy: LatentPolicy, optimizer: torch.optim.Optimizer) -> None:
-    """Stage boundary: pi_theta(.|s) = N(0, I) exactly (zero mean head, sigma = 1), with fresh Adam moments
-    for the reset head. The trunk, the critic, their optimiser state and the observation statistics stay."""
+    """Stage boundary: pi_theta(.|s) = N(0, I) exactly, fresh Adam moments for the head; all else is kept."""
     with torch.no_grad():
         for p in (policy.mu_head.weight, policy.mu_head.bias, policy.log_sigma):
             p.zero_()
             optimizer.state.pop(p, None)
 
 def make_act(policy, decoder, obs_rms, device, stochastic_seed: Optional[int] = None):
-    """The composite policy with frozen observation statistics: a = tanh(g(s, mu)), or with a seed
-    a = tanh(g(s, mu + sigma xi)) from its own generator (evaluating never moves the training stream)."""
+    """a = tanh(g(s, mu)), statistics frozen; with a seed mu + sigma xi from its own generator, not the training one."""
     frozen = copy.deepcopy(obs_rms)
     generator = None if stochastic_seed is None else torch.Generator(device=device).manual_seed(stochastic_seed)
 
@@ -467,9 +444,8 @@ def build_act(ckpt: dict, args: Args, device, stochastic_seed: Optional[int]):
 def validate(args: Args) -> None:
     """Checks of this script's flags, before anything is created (common.Run checks the shared ones)."""
     if (args.num_envs * args.num_steps) % args.num_minibatches:
-        raise common.UsageError(f"rollout of {args.num_envs * args.num_steps} transitions (--num-envs {args.num_envs}"
-                                f" x --num-steps {args.num_steps}) does not split into --num-minibatches "
-                                f"{args.num_minibatches}")
+        raise common.UsageError(f"--num-envs {args.num_envs} x --num-steps {args.num_steps} transitions do not split "
+                                f"into --num-minibatches {args.num_minibatches}")
     batch = args.num_envs * args.num_steps * args.action_repeat  # env steps per rollout
     fresh = -(-args.decoder_fresh_steps // batch) * (args.num_stages - 1)
     ends = common.stage_ends(args.total_timesteps // batch - fresh, args.num_stages, args.stage_fractions)
@@ -479,8 +455,6 @@ def validate(args: Args) -> None:
     if args.decoder_fresh_steps and args.decoder_targets != "executed":
         raise common.UsageError("--decoder-fresh-steps refits on the executed actions of the fresh episodes: "
                                 "add --decoder-targets executed")
-    if not 0.0 < args.decoder_val_fraction < 1.0:
-        raise common.UsageError(f"--decoder-val-fraction must be in (0, 1), got {args.decoder_val_fraction}")
 
 if __name__ == "__main__":
     run = common.Run(Args, "gorl_ppo", validate, build_act)  # command line, --resume, --eval-only, logs
@@ -503,9 +477,8 @@ if __name__ == "__main__":
 
     for stage in range(run.stage, args.num_stages):
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
-        late = stage > 0
-        clip_coef = args.clip_coef_late if late and args.clip_coef_late is not None else args.clip_coef
-        kl_coef = args.kl_coef_late if late and args.kl_coef_late is not None else args.kl_coef
+        clip_coef = args.clip_coef_late if stage and args.clip_coef_late is not None else args.clip_coef
+        kl_coef = args.kl_coef_late if stage and args.kl_coef_late is not None else args.kl_coef
         start = stage_end[stage - 1] if stage else 0
         for iteration in range(run.global_step // batch_size - stage * fresh_rollouts, stage_end[stage]):
             if args.lr_schedule != "constant":  # linear decay over the run, or restarted at each stage
@@ -522,8 +495,7 @@ if __name__ == "__main__":
 
         # ---- Phase 2: refit the decoder to the current composite policy ----
         if fresh_rollouts:  # on-policy data collected now with the frozen policy; these env steps count
-            refit_data.clear()
-            for _ in range(fresh_rollouts):
+            for _ in range(fresh_rollouts):  # refit_data holds fresh_rollouts rollouts: these replace the others
                 batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run, frozen=True)
                 refit_data.append((batch["raw_obs"], batch["u"]))
                 run.stop_requested_in_refit()
@@ -561,8 +533,7 @@ if __name__ == "__main__":
         run.log({**diagnostics, "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
                  "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
                  "charts/decoder_fit_seconds": fit["seconds"]})
-        run.pbar.write(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss "
-                       f"{fit['val_loss']:.3f} on {fit['pairs']} pairs; eval {before.mean():.1f} -> "
-                       f"{after.mean():.1f}; action RMS {diagnostics['charts/boundary_action_rms']:.3f}; "
-                       f"{fit['seconds']:.1f}s")
+        run.pbar.write(f"stage {stage} -> {stage + 1} at step {run.global_step}: eval {before.mean():.1f} -> "
+                       f"{after.mean():.1f}; decoder val loss {fit['val_loss']:.3f} on {fit['pairs']} pairs, action "
+                       f"RMS {diagnostics['charts/boundary_action_rms']:.3f}, {fit['seconds']:.1f}s")
     run.finish()
