@@ -520,11 +520,9 @@ if __name__ == "__main__":
         diagnostics = boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, probe, generator)
 
         # ---- Stage boundary: latent policy reset to N(0, I); critic and observation statistics kept ----
-        if args.fresh_networks_each_stage:  # fresh trunk and critic, fresh Adam moments
-            policy.load_state_dict(LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers,
-                                                args.activation).state_dict())
-            critic.load_state_dict(Critic(obs_dim, args.critic_hidden, args.critic_layers,
-                                          args.activation).state_dict())
+        if args.fresh_networks_each_stage:  # fresh trunk and critic, fresh Adam moments (the authors' recipe)
+            for net, fresh in zip((policy, critic), make_networks(obs_dim, act_dim, args, device)):
+                net.load_state_dict(fresh.state_dict())
             optimizer.state.clear()
         reset_latent_policy(policy, optimizer)
         decoder.load_state_dict(new_decoder.state_dict())  # the composite policy now decodes with the refit
