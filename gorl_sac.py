@@ -197,11 +197,8 @@ class Critics(nn.Module):
         return self.net(torch.cat([obs, action], dim=-1).expand(self.n, -1, -1)).squeeze(-1)  # (n, B)
 
 class FlowDecoder(nn.Module):
-    """g_phi(s, eps): conditional flow matching from the fixed prior N(0, I) to pre-tanh actions u.
-
-    velocity v_phi(s, x, emb(t)) is an MLP with SiLU, emb(t) = [cos(2^j t), sin(2^j t)], j = 0..3. The
-    last layer starts at zero, so g(s, eps) = eps: stage 0 is the plain tanh-Gaussian twin. The decoder
-    normalises observations with statistics frozen at its refit (detail 5)."""
+    """g_phi(s, eps), flow matching from N(0, I) to pre-tanh actions u: v_phi(s, x, emb(t)) is a SiLU MLP, emb(t) =
+    [cos(2^j t), sin(2^j t)], j < 4. Its last layer starts at zero, so g(s, eps) = eps: stage 0 is the twin."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, euler_steps: int,
                  split_first_layer: bool = False):
@@ -228,16 +225,14 @@ class FlowDecoder(nn.Module):
         return self.net(torch.cat([s, x, self.embed(t)], dim=-1))  # s (B, obs_dim), x (B, d), t (B, 1) -> (B, d)
 
     def integrate(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Explicit Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t), no clipping inside.
-        Differentiable in eps (GoRL-SAC's actor gradient reaches the latent through it)."""
+        """Euler from t = 1 (x = eps) to t = 0: x <- x - (1/N) v(s, x, t), no clipping; differentiable in eps."""
         s, x, dt = self.normalize(obs), eps, 1.0 / self.euler_steps
         for k in range(self.euler_steps):
             x = x - dt * self.velocity(s, x, torch.full_like(x[:, :1], 1.0 - k * dt))
         return x  # u, (B, d)
 
     def integrate_split(self, obs: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """`integrate` with the first layer split by input, W [s; x; emb] = W_s s + W_x x + W_e emb: the state
-        and time shares do not depend on x, so they are computed once per decode (equal up to rounding)."""
+        """`integrate` with W [s; x; emb] = W_s s + W_x x + W_e emb: the s and t shares once per decode (detail 12)."""
         first, *rest = [m for m in self.net if isinstance(m, nn.Linear)]
         w_s, w_x, w_e = first.weight.split([obs.shape[-1], eps.shape[-1], 8], dim=1)
         dt = 1.0 / self.euler_steps
@@ -356,9 +351,8 @@ def flow_matching_loss(decoder: FlowDecoder, s, u, draws: int, generator=None) -
 
 def fit_decoder(obs: torch.Tensor, targets, args: Args, obs_dim: int, act_dim: int, device, stop=lambda: None,
                 var_floor: Optional[torch.Tensor] = None):
-    """A fresh decoder fit on raw obs (M, obs_dim) and targets: a tensor u (M, d), or a function idx -> u
-    drawing fresh actions of the composite policy at obs[idx]. Keeps the best validation weights; `stop`
-    runs at every validation (Ctrl-C). Returns the frozen decoder and stats; a non-finite loss ends it early."""
+    """A fresh decoder fit on raw obs (M, obs_dim) and targets u (M, d), or idx -> fresh u at obs[idx]; the best
+    validation weights, frozen, and stats. `stop` runs at every check (Ctrl-C); a non-finite loss ends the fit."""
     start = time.time()
     decoder = FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                           args.decoder_split_first_layer).to(device)
