@@ -26,19 +26,19 @@ class Args:
     # ---- environment and budget ----
     env_id: str = "hopper-stand"
     """dm_control 'domain-task' (or 'dm_control/domain-task-v0'), or a gymnasium id with a Box action space"""
-    total_timesteps: int = 2_000_000
+    total_timesteps: int = 10_000_000
     """env steps of training, all stages together (fresh refit data included)"""
     num_envs: int = 64
     """parallel envs; the policy and the decoder run batched across them"""
     num_steps: int = 32
     """agent steps per env per rollout"""
-    action_repeat: int = 1
+    action_repeat: int = 4
     """simulator steps each action is held for (rewards summed); every simulator step counts as an env step"""
     # ---- PPO on the latent policy (Phase 1) ----
     learning_rate: float = 1e-3
     """Adam learning rate of the latent policy and the critic"""
     lr_schedule: Literal["run", "stage", "constant"] = "stage"
-    """linear decay to 0 over the whole run, over each stage, or none (the authors')"""
+    """the learning rate and the entropy bonus decay linearly to 0 over the run, each stage, or not (the authors')"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -51,7 +51,7 @@ class Args:
     """PPO clip coefficient"""
     clip_coef_late: Optional[float] = None
     """clip coefficient from stage 1 on (default: --clip-coef)"""
-    ent_coef: float = 1e-3
+    ent_coef: float = 0.03
     """entropy bonus on the latent Gaussian"""
     vf_coef: float = 0.5
     """value loss coefficient"""
@@ -109,12 +109,12 @@ class Args:
     """share of the refit data held out; the best validation weights are kept"""
     decoder_val_every: int = 100
     """decoder steps between validation checks"""
-    decoder_split_first_layer: bool = False
+    decoder_split_first_layer: bool = True
     """speed: the state and time shares of the first layer once per decode, not per Euler step (detail 12)"""
     u_clip: float = 3.0
     """refit targets are clipped to |u| <= u_clip"""
     # ---- evaluation ----
-    eval_interval: int = 100_000
+    eval_interval: int = 500_000
     """env steps between deterministic evaluations"""
     eval_episodes: int = 10
     """episodes per evaluation (fixed seeds, so evaluations are paired)"""
@@ -145,7 +145,7 @@ class Args:
     """env steps between training videos"""
     save_model: bool = True
     """write <run>/checkpoint.pt every --checkpoint-interval env steps, at stage ends, on Ctrl-C and at the end"""
-    checkpoint_interval: int = 100_000
+    checkpoint_interval: int = 500_000
     """env steps between checkpoints"""
     run_dir: Optional[str] = None
     """run directory (must not exist); default runs/<env>__<exp-name>__K<stages>__<seed>__<time>"""
@@ -304,7 +304,8 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
                                                 args.gamma, args.gae_lambda)
     return {k: v.reshape(-1, *v.shape[2:]) for k, v in b.items()}, obs
 
-def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float, args: Args, run: common.Run) -> dict:
+def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float, ent_coef: float, args: Args,
+           run: common.Run) -> dict:
     """PPO epochs over one rollout. The ratio is over eps, so neither the decoder nor tanh enters it."""
     batch_size, minibatch_size = len(b["obs"]), len(b["obs"]) // args.num_minibatches
     clipfracs, approx_kls = [], []
@@ -324,7 +325,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             v_loss = 0.5 * (critic(b["obs"][mb]) - b["returns"][mb]).pow(2).mean()
             entropy = (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean()
             penalty = prior_penalty(mu, sigma, args.prior_penalty).mean()
-            loss = pg_loss - args.ent_coef * entropy + args.vf_coef * v_loss + kl_coef * penalty
+            loss = pg_loss - ent_coef * entropy + args.vf_coef * v_loss + kl_coef * penalty
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             # Clipped separately: the critic's large early gradients must not shrink the policy's step (detail 3).
@@ -340,8 +341,8 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
     return {"losses/policy_loss": pg_loss.item(), "losses/value_loss": v_loss.item(), "losses/entropy": entropy.item(),
             f"losses/prior_{args.prior_penalty}": penalty.item(), "losses/approx_kl": np.mean(approx_kls),
             "losses/clipfrac": np.mean(clipfracs), "losses/explained_variance": explained_var.item(),
-            "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/latent_mu_abs": mu.abs().mean().item(),
-            "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/ent_coef": ent_coef,
+            "charts/latent_mu_abs": mu.abs().mean().item(), "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
             "charts/action_abs": torch.tanh(b["u"]).abs().mean().item()}
 
 # ---- Phase 2: refit the decoder by fixed-prior flow matching ----
@@ -480,14 +481,14 @@ if __name__ == "__main__":
         clip_coef = args.clip_coef_late if stage and args.clip_coef_late is not None else args.clip_coef
         kl_coef = args.kl_coef_late if stage and args.kl_coef_late is not None else args.kl_coef
         start = stage_end[stage - 1] if stage else 0
+        start, end = (0, num_iterations) if args.lr_schedule == "run" else (start, stage_end[stage])
         for iteration in range(run.global_step // batch_size - stage * fresh_rollouts, stage_end[stage]):
-            if args.lr_schedule != "constant":  # linear decay over the run, or restarted at each stage
-                done, span = (iteration, num_iterations) if args.lr_schedule == "run" else \
-                    (iteration - start, stage_end[stage] - start)
-                optimizer.param_groups[0]["lr"] = (1.0 - done / span) * args.learning_rate
+            # the learning rate and the entropy bonus decay linearly over the run, or restart at each stage (detail 2)
+            decay = 1.0 - (iteration - start) / (end - start) if args.lr_schedule != "constant" else 1.0
+            optimizer.param_groups[0]["lr"] = decay * args.learning_rate
             batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run)
             refit_data.append((batch["raw_obs"], batch["u"]))
-            run.log(update(policy, critic, optimizer, batch, clip_coef, kl_coef, args, run))
+            run.log(update(policy, critic, optimizer, batch, clip_coef, kl_coef, decay * args.ent_coef, args, run))
             run.tick()  # evaluate, film, checkpoint when due; Ctrl-C
         run.end_stage()
         if stage == args.num_stages - 1:
