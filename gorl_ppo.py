@@ -483,7 +483,7 @@ if __name__ == "__main__":
         start = stage_end[stage - 1] if stage else 0
         start, end = (0, num_iterations) if args.lr_schedule == "run" else (start, stage_end[stage])
         for iteration in range(run.global_step // batch_size - stage * fresh_rollouts, stage_end[stage]):
-            # the learning rate and the entropy bonus decay linearly over the run, or restart at each stage (detail 2)
+            # the learning rate and the entropy bonus decay linearly over the run or each stage (details 2, 14)
             decay = 1.0 - (iteration - start) / (end - start) if args.lr_schedule != "constant" else 1.0
             optimizer.param_groups[0]["lr"] = decay * args.learning_rate
             batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run)

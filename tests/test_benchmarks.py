@@ -221,7 +221,7 @@ def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_
     # first step (--no-branch-twins) must give the same rows. Frequent checkpoints let the runner see one in stage 0.
     # PPO's default lr schedule restarts at each stage, so its stage 0 is the twin's run only with `run` (detail 1).
     flags = ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "--ppo-steps", "512",
-             "--sac-steps", "800", "--ppo-args=--lr-schedule run --num-envs 4 --num-steps 32 --decoder-train-steps 300 "
+             "--sac-steps", "800", "--ppo-args=--lr-schedule run --action-repeat 1 --num-envs 4 --num-steps 32 --decoder-train-steps 300 "
              "--eval-episodes 2 --eval-interval 256 --checkpoint-interval 128",
              "--sac-args=--learning-starts 200 --batch-size 32 --hidden 32 --decoder-train-steps 300 "
              "--decoder-data-steps 200 --eval-episodes 2 --eval-interval 200 --checkpoint-interval 100"]

@@ -96,10 +96,10 @@ def test_env_replay_rebuilds_the_exact_env_state_across_episode_ends(env_id, bac
             np.testing.assert_array_equal(got, want)
 
 
-PPO_RUN = ["--env-id", "cartpole-balance", "--num-envs", "8", "--num-steps", "32", "--num-minibatches", "2",
-           "--update-epochs", "2", "--total-timesteps", "6144", "--num-stages", "3", "--decoder-train-steps", "400",
-           "--decoder-batch-size", "64", "--decoder-noise-draws", "2", "--euler-steps", "5",
-           "--decoder-val-every", "20", "--decoder-data-steps", "2048", "--eval-episodes", "1",
+PPO_RUN = ["--env-id", "cartpole-balance", "--action-repeat", "1", "--num-envs", "8", "--num-steps", "32",
+           "--num-minibatches", "2", "--update-epochs", "2", "--total-timesteps", "6144", "--num-stages", "3",
+           "--decoder-train-steps", "400", "--decoder-batch-size", "64", "--decoder-noise-draws", "2",
+           "--euler-steps", "5", "--decoder-val-every", "20", "--decoder-data-steps", "2048", "--eval-episodes", "1",
            "--eval-interval", "1024", "--checkpoint-interval", "2048", "--seed", "3"]
 
 
@@ -212,7 +212,8 @@ def test_first_nonfinite_names_the_first_bad_quantity():
 
 @pytest.mark.parametrize("name,args", [
     ("gorl_ppo", ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--update-epochs", "2",
-                  "--total-timesteps", "4096", "--checkpoint-interval", "64", "--decoder-train-steps", "50"]),
+                  "--action-repeat", "1", "--total-timesteps", "4096", "--checkpoint-interval", "64",
+                  "--decoder-train-steps", "50"]),
     ("gorl_sac", ["--total-timesteps", "2000", "--learning-starts", "100", "--batch-size", "32", "--hidden", "32",
                   "--checkpoint-interval", "50", "--decoder-train-steps", "50", "--decoder-data-steps", "100"]),
 ])
@@ -291,7 +292,7 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line(tmp_path):
 
 @pytest.mark.parametrize("name,args", [
     ("gorl_ppo", ["--num-envs", "4", "--num-steps", "16", "--num-minibatches", "2", "--total-timesteps", "1024",
-                  "--decoder-train-steps", "100"]),
+                  "--decoder-train-steps", "100", "--action-repeat", "1"]),
     ("gorl_sac", ["--total-timesteps", "600", "--learning-starts", "200", "--batch-size", "32", "--hidden", "32",
                   "--decoder-train-steps", "100", "--decoder-data-steps", "200"]),
 ])

@@ -3,6 +3,7 @@
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn as nn
 
@@ -129,3 +130,103 @@ def test_l2_prior_penalty_is_the_authors_mean_over_batch_and_dimensions():
     mu, sigma = torch.randn(32, 6), torch.rand(32, 6) + 0.1
     penalty = gorl_ppo.prior_penalty(mu, sigma, "l2").mean()
     torch.testing.assert_close(penalty, mu.pow(2).mean() + sigma.pow(2).mean())
+
+
+class _Run:  # what update() and rollout() use of common.Run
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.steps = 0
+
+    def check_finite(self, named):
+        pass
+
+    def count_env_steps(self, n, infos):
+        self.steps += n
+
+
+def _policy_and_batch(adv_sign=1.0, n=512, obs_dim=4, act_dim=2):
+    """Latents drawn half at mu + 0.5 and half at mu - 0.5; the upper half has advantage `adv_sign`."""
+    torch.manual_seed(0)
+    policy, critic = gorl_ppo.LatentPolicy(obs_dim, act_dim, 32, 2, "tanh"), gorl_ppo.Critic(obs_dim, 32, 2, "tanh")
+    obs = torch.randn(n, obs_dim)
+    with torch.no_grad():
+        mu, sigma = policy(obs)
+    side = torch.where(torch.arange(n) < n // 2, 1.0, -1.0)[:, None]
+    eps = mu + 0.5 * side
+    batch = {"obs": obs, "eps": eps, "logp": gorl_ppo.gaussian_log_prob(eps, mu, sigma), "u": eps,
+             "advantages": adv_sign * side[:, 0], "values": torch.zeros(n), "returns": torch.full((n,), 3.0)}
+    return policy, critic, batch
+
+
+def _update(policy, critic, batch, **flags):
+    args = gorl_ppo.Args(**{"update_epochs": 10, "num_minibatches": 2, "ent_coef": 0.0, **flags})
+    optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=1e-2)
+    return gorl_ppo.update(policy, critic, optimizer, batch, args.clip_coef, args.kl_coef, args.ent_coef, args, _Run())
+
+
+def test_update_raises_the_likelihood_of_advantaged_latents_and_fits_the_critic():
+    for sign in (1.0, -1.0):
+        policy, critic, batch = _policy_and_batch(sign)
+        mu_before = policy(batch["obs"])[0].detach()
+        v_before = (critic(batch["obs"]) - batch["returns"]).pow(2).mean().item()
+        _update(policy, critic, batch, kl_coef=0.0)
+        shift = (policy(batch["obs"])[0] - mu_before).mean().item()
+        assert sign * shift > 0.02, (sign, shift)  # the mean moves toward the advantaged side
+        assert (critic(batch["obs"]) - batch["returns"]).pow(2).mean().item() < 0.5 * v_before
+
+
+def test_update_clips_the_probability_ratio():
+    """Many epochs on one rollout: the clipped surrogate stops pushing once the ratio passes 1 + clip."""
+    ratios = {}
+    for clip in (0.1, 100.0):
+        policy, critic, batch = _policy_and_batch()
+        _update(policy, critic, batch, kl_coef=0.0, clip_coef=clip, update_epochs=30)
+        mu, sigma = policy(batch["obs"])
+        upper = batch["advantages"] > 0
+        ratios[clip] = (gorl_ppo.gaussian_log_prob(batch["eps"], mu, sigma) - batch["logp"])[upper].exp().mean().item()
+    assert ratios[0.1] < 1.25 and ratios[100.0] > 1.5, ratios
+
+
+@pytest.mark.parametrize("kind", ["kl", "l2"])
+def test_update_prior_pull_moves_the_latent_toward_its_target(kind):
+    """With zero advantages and no entropy bonus only the prior term moves the policy: mu toward 0, sigma
+    toward 1 (the KL) or toward 0 (the authors' L2); the entropy bonus alone widens sigma."""
+    policy, critic, batch = _policy_and_batch(0.0)
+    with torch.no_grad():
+        policy.mu_head.bias.fill_(1.0)
+        policy.log_sigma.fill_(np.log(2.0))
+    _update(policy, critic, batch, kl_coef=1.0, prior_penalty=kind)
+    mu, sigma = policy(batch["obs"])
+    assert mu.abs().mean() < 0.9 and sigma.mean() < 1.9
+    policy, critic, batch = _policy_and_batch(0.0)
+    _update(policy, critic, batch, kl_coef=0.0, ent_coef=0.1)
+    assert policy.log_sigma.exp().mean() > 1.01
+
+
+def test_rollout_bootstraps_a_truncation_from_its_final_observation():
+    """Two envs, three steps, gamma 0.5, lambda 0 (advantage = TD error), V(s) = s. At step 1 env 0 hits its time
+    limit (final obs 9) and env 1 terminates (final obs 5); both restart at obs 7."""
+
+    class Envs:
+        num_envs, t = 2, 0
+
+        def step(self, actions):
+            self.t += 1
+            obs = np.full((2, 1), self.t + 1.0, np.float32)
+            infos, terminated, truncated = {}, np.zeros(2, bool), np.zeros(2, bool)
+            if self.t == 2:
+                truncated[0], terminated[1] = True, True
+                infos["final_obs"], obs[:] = np.array([[9.0], [5.0]], np.float32), 7.0
+            return obs, np.ones(2), terminated, truncated, infos
+
+    torch.manual_seed(0)
+    args = gorl_ppo.Args(num_envs=2, num_steps=3, gamma=0.5, gae_lambda=0.0, reward_scale=2.0, action_repeat=1)
+    policy, decoder = gorl_ppo.LatentPolicy(1, 1, 8, 1, "tanh"), gorl_ppo.FlowDecoder(1, 1, 8, 1, 2)
+    rms, run = common.RunningMeanStd((1,)), _Run()  # mean 0, var 1: V sees the raw observation
+    batch, obs = gorl_ppo.rollout(Envs(), np.ones((2, 1), np.float32), policy, lambda s: s[:, 0], decoder, rms, args,
+                                  run, frozen=True)
+    adv = batch["advantages"].reshape(3, 2)  # (T, N)
+    expected = torch.tensor([[2 + 0.5 * 2 - 1] * 2, [2 + 0.5 * 9 - 2, 2 - 2], [2 + 0.5 * 4 - 7] * 2])
+    torch.testing.assert_close(adv, expected)
+    assert run.steps == 6 and obs[0, 0] == 4.0
