@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 # Each update: 2048 envs x 480 steps = 983,040 env steps (the authors' 1024 x 32 sequences of 30 steps).
 # The 4096 fresh refit episodes (4,096,000 env steps at 1000 steps each) are counted in our budget.
 exec "${PYTHON:-python}" gorl_ppo.py --env-id "$task" \
-  --num-envs 2048 --num-steps 480 --num-minibatches 32 --update-epochs 16 \
+  --num-envs 2048 --num-steps 480 --num-minibatches 32 --update-epochs 16 --action-repeat 1 \
   --learning-rate 1e-3 --lr-schedule constant --gamma "$gamma" --gae-lambda 0.95 \
   --ent-coef 0.01 --reward-scale 10 --max-grad-norm 0.5 \
   --clip-coef 0.15 --clip-coef-late 0.3 \

@@ -144,7 +144,7 @@ def test_learning_rate_schedules_and_the_authors_recipe_flags(tmp_path):
     rates = {}
     for schedule in ("run", "stage", "constant"):
         result = run(["--env-id", "tests.toy_envs:Toy-v0", "--lr-schedule", schedule, "--exp-name", schedule,
-                      "--learning-rate", "0.001", *tiny], tmp_path)
+                      "--learning-rate", "0.001", "--action-repeat", "1", *tiny], tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         events = EventAccumulator(glob.glob(str(tmp_path / "runs" / f"*__{schedule}__*"))[0])
         events.Reload()
@@ -161,3 +161,4 @@ def test_learning_rate_schedules_and_the_authors_recipe_flags(tmp_path):
     saved = torch.load(str(tmp_path / "recipe" / "checkpoint.pt"), weights_only=False)["args"]
     assert saved["prior_penalty"] == "l2" and saved["kl_coef_late"] == 1e-3 and saved["fresh_networks_each_stage"]
     assert saved["lr_schedule"] == "constant" and saved["num_envs"] == 4  # the extra flags won
+    assert saved["action_repeat"] == 1 and saved["ent_coef"] == 0.01  # the authors', not this script's defaults
