@@ -52,7 +52,7 @@ class Args:
     clip_coef_late: Optional[float] = None
     """clip coefficient from stage 1 on (default: --clip-coef)"""
     ent_coef: float = 0.03
-    """entropy bonus on the latent Gaussian"""
+    """entropy bonus on the latent Gaussian, at the start of the --lr-schedule decay"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
