@@ -38,7 +38,7 @@ class Args:
     learning_rate: float = 1e-3
     """Adam learning rate of the latent policy and the critic"""
     lr_schedule: Literal["run", "stage", "constant"] = "stage"
-    """the learning rate and the entropy bonus decay linearly to 0 over the run, each stage, or not (the authors')"""
+    """linear decay to 0 over the whole run, over each stage, or none (the authors')"""
     gamma: float = 0.99
     """discount factor"""
     gae_lambda: float = 0.95
@@ -52,7 +52,9 @@ class Args:
     clip_coef_late: Optional[float] = None
     """clip coefficient from stage 1 on (default: --clip-coef)"""
     ent_coef: float = 0.03
-    """entropy bonus on the latent Gaussian, at the start of the --lr-schedule decay"""
+    """entropy bonus on the latent Gaussian"""
+    ent_decay: bool = True
+    """decay the entropy bonus linearly to 0 over the whole run (detail 14)"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -483,12 +485,12 @@ if __name__ == "__main__":
         start = stage_end[stage - 1] if stage else 0
         start, end = (0, num_iterations) if args.lr_schedule == "run" else (start, stage_end[stage])
         for iteration in range(run.global_step // batch_size - stage * fresh_rollouts, stage_end[stage]):
-            # the learning rate and the entropy bonus decay linearly over the run or each stage (details 2, 14)
-            decay = 1.0 - (iteration - start) / (end - start) if args.lr_schedule != "constant" else 1.0
+            decay = 1.0 - (iteration - start) / (end - start) if args.lr_schedule != "constant" else 1.0  # detail 2
             optimizer.param_groups[0]["lr"] = decay * args.learning_rate
+            ent_coef = args.ent_coef * (1.0 - iteration / num_iterations) if args.ent_decay else args.ent_coef
             batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run)
             refit_data.append((batch["raw_obs"], batch["u"]))
-            run.log(update(policy, critic, optimizer, batch, clip_coef, kl_coef, decay * args.ent_coef, args, run))
+            run.log(update(policy, critic, optimizer, batch, clip_coef, kl_coef, ent_coef, args, run))
             run.tick()  # evaluate, film, checkpoint when due; Ctrl-C
         run.end_stage()
         if stage == args.num_stages - 1:

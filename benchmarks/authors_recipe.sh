@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 exec "${PYTHON:-python}" gorl_ppo.py --env-id "$task" \
   --num-envs 2048 --num-steps 480 --num-minibatches 32 --update-epochs 16 --action-repeat 1 \
   --learning-rate 1e-3 --lr-schedule constant --gamma "$gamma" --gae-lambda 0.95 \
-  --ent-coef 0.01 --reward-scale 10 --max-grad-norm 0.5 \
+  --ent-coef 0.01 --no-ent-decay --reward-scale 10 --max-grad-norm 0.5 \
   --clip-coef 0.15 --clip-coef-late 0.3 \
   --prior-penalty l2 --kl-coef 5e-4 --kl-coef-late 1e-3 \
   --policy-layers 4 --policy-hidden 32 --critic-layers 5 --critic-hidden 256 --activation silu \
