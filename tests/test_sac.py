@@ -83,6 +83,15 @@ def test_the_entropy_term_is_the_latent_log_likelihood_with_the_tanh_correction(
                                                                 torch.distributions.transforms.TanhTransform())
     torch.testing.assert_close(logp, tanh_gaussian.log_prob(a).sum(-1), rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(a, torch.tanh(u))
+    _, _, _, decoder = _nets()  # after a refit the correction is on u = g(s, eps), the decoder's Jacobian left out
+    obs = torch.randn(256, 5)
+    torch.manual_seed(1)
+    a, u, logp, mu, sigma = gorl_sac.sample_action(actor, decoder, obs)
+    torch.manual_seed(1)
+    eps = mu + sigma * torch.randn_like(mu)
+    assert (u - eps).abs().mean() > 0.1
+    torch.testing.assert_close(logp, gorl_sac.gaussian_log_prob(eps, mu, sigma) - torch.log(1 - a.pow(2)).sum(-1),
+                               rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("alpha, kl_coef", [(0.0, 1.0), (0.5, 0.0)])
@@ -260,3 +269,11 @@ def test_the_decoder_input_normalisation_has_a_variance_floor():
     decoder, _ = gorl_sac.fit_decoder(obs, torch.randn(256, 2), args, 5, 2, torch.device("cpu"),
                                       var_floor=torch.full((5,), 0.04))
     assert torch.all(decoder.obs_var >= 0.04) and decoder.normalize(obs + 0.1)[:, 0].abs().max() < 1.0
+
+
+def test_kl_to_prior_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, sigma = torch.randn(32, 6), torch.rand(32, 6) * 2 + 0.05
+    expected = torch.distributions.kl_divergence(
+        torch.distributions.Normal(mu, sigma), torch.distributions.Normal(0.0, 1.0)).sum(-1)
+    torch.testing.assert_close(gorl_sac.kl_to_prior(mu, sigma), expected)
