@@ -77,7 +77,7 @@ def test_smoke_three_stages_writes_logs_and_a_checkpoint_that_reproduces_the_ret
 @pytest.mark.parametrize("args,message", [
     (["--env-id", "hopper-stnd"], "unknown --env-id 'hopper-stnd'"),
     (["--env-id", "CartPole-v1"], "Discrete action space"),
-    (["--num-envs", "6", "--num-steps", "5", "--num-minibatches", "4"], "does not split into --num-minibatches 4"),
+    (["--num-envs", "6", "--num-steps", "5", "--num-minibatches", "4"], "do not split into --num-minibatches 4"),
     (["--num-envs", "0"], "--num-envs must be positive"),
     (["--total-timesteps", "4000", "--num-stages", "3"], "less than one rollout"),
     (["--num-stages", "3", "--stage-fractions", "1", "2"], "--stage-fractions 1.0 2.0 must be 3 positive"),
