@@ -571,8 +571,7 @@ if __name__ == "__main__":
         run.log({**diagnostics, "losses/decoder_train": fit["train_loss"], "losses/decoder_val": fit["val_loss"],
                  "eval/boundary_before": before.mean(), "eval/boundary_after": after.mean(),
                  "charts/decoder_fit_seconds": fit["seconds"]})
-        run.pbar.write(f"stage {stage} -> {stage + 1} at step {run.global_step}: decoder val loss "
-                       f"{fit['val_loss']:.3f} on {fit['pairs']} pairs; eval {before.mean():.1f} -> "
-                       f"{after.mean():.1f}; action RMS {diagnostics['charts/boundary_action_rms']:.3f}; "
-                       f"alpha {alpha:.4f}; {fit['seconds']:.1f}s")
+        run.pbar.write(f"stage {stage} -> {stage + 1} at step {run.global_step}: eval {before.mean():.1f} -> "
+                       f"{after.mean():.1f}; decoder val loss {fit['val_loss']:.3f} on {fit['pairs']} pairs, action "
+                       f"RMS {diagnostics['charts/boundary_action_rms']:.3f}, {fit['seconds']:.1f}s; alpha {alpha:.4f}")
     run.finish(f", {num_updates} updates; updates {run.seconds.get('update', 0.0) / run.wall_time():.0%}")
