@@ -61,7 +61,7 @@ class Args:
     """gradient-norm clip, applied to the policy and to the critic separately"""
     reward_scale: float = 1.0
     """rewards are multiplied by this before GAE"""
-    kl_coef: float = 1e-2
+    kl_coef: float = 1e-3
     """beta: weight of the penalty that pulls pi_theta(.|s) to N(0, I)"""
     kl_coef_late: Optional[float] = None
     """beta from stage 1 on (default: --kl-coef)"""
@@ -172,17 +172,17 @@ def mlp(in_dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential
     return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (layer_init(nn.Linear(a, b)), act())])
 
 class LatentPolicy(nn.Module):
-    """pi_theta(eps | s) = N(mu(s), diag(sigma^2)), sigma a state-independent parameter."""
+    """pi_theta(eps | s) = N(mu(s), diag(sigma(s)^2)); log sigma(s) = log_sigma + the head's second half (detail 15)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation: str):
         super().__init__()
         self.trunk = mlp(obs_dim, hidden, layers, activation)
-        self.mu_head = layer_init(nn.Linear(hidden, act_dim), std=0.01)
+        self.head = layer_init(nn.Linear(hidden, 2 * act_dim), std=0.01)
         self.log_sigma = nn.Parameter(torch.zeros(act_dim))
 
     def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu = self.mu_head(self.trunk(s))  # (B, d)
-        return mu, self.log_sigma.exp().expand_as(mu)
+        mu, log_sigma = self.head(self.trunk(s)).chunk(2, -1)  # (B, d) each
+        return mu, (self.log_sigma + log_sigma).clamp(-5.0, 2.0).exp()
 
 class Critic(nn.Module):
     def __init__(self, obs_dim: int, hidden: int, layers: int, activation: str):
@@ -344,7 +344,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             f"losses/prior_{args.prior_penalty}": penalty.item(), "losses/approx_kl": np.mean(approx_kls),
             "losses/clipfrac": np.mean(clipfracs), "losses/explained_variance": explained_var.item(),
             "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/ent_coef": ent_coef,
-            "charts/latent_mu_abs": mu.abs().mean().item(), "charts/latent_sigma": policy.log_sigma.exp().mean().item(),
+            "charts/latent_mu_abs": mu.abs().mean().item(), "charts/latent_sigma": sigma.mean().item(),
             "charts/action_abs": torch.tanh(b["u"]).abs().mean().item()}
 
 # ---- Phase 2: refit the decoder by fixed-prior flow matching ----
@@ -419,7 +419,7 @@ def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generat
 def reset_latent_policy(policy: LatentPolicy, optimizer: torch.optim.Optimizer) -> None:
     """Stage boundary: pi_theta(.|s) = N(0, I) exactly, fresh Adam moments for the head; all else is kept."""
     with torch.no_grad():
-        for p in (policy.mu_head.weight, policy.mu_head.bias, policy.log_sigma):
+        for p in (policy.head.weight, policy.head.bias, policy.log_sigma):
             p.zero_()
             optimizer.state.pop(p, None)
 
