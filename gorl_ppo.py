@@ -55,6 +55,8 @@ class Args:
     """entropy bonus on the latent Gaussian"""
     ent_decay: bool = True
     """decay the entropy bonus linearly to 0 over the whole run (detail 14)"""
+    state_sigma: bool = True
+    """log sigma(s) = log_sigma + the head's second half (detail 15); off: the free parameter log_sigma alone"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -172,17 +174,17 @@ def mlp(in_dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential
     return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (layer_init(nn.Linear(a, b)), act())])
 
 class LatentPolicy(nn.Module):
-    """pi_theta(eps | s) = N(mu(s), diag(sigma(s)^2)); log sigma(s) = log_sigma + the head's second half (detail 15)."""
+    """pi_theta(eps | s) = N(mu(s), diag(sigma(s)^2)); log sigma(s) = log_sigma (+ the head's 2nd half, detail 15)."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation: str):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation: str, state_sigma=True):
         super().__init__()
-        self.trunk = mlp(obs_dim, hidden, layers, activation)
-        self.head = layer_init(nn.Linear(hidden, 2 * act_dim), std=0.01)
+        self.trunk, self.parts = mlp(obs_dim, hidden, layers, activation), 1 + state_sigma
+        self.head = layer_init(nn.Linear(hidden, self.parts * act_dim), std=0.01)  # [mu, log sigma(s) share]
         self.log_sigma = nn.Parameter(torch.zeros(act_dim))
 
     def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, log_sigma = self.head(self.trunk(s)).chunk(2, -1)  # (B, d) each
-        return mu, (self.log_sigma + log_sigma).clamp(-5.0, 2.0).exp()
+        mu, *log_sigma = self.head(self.trunk(s)).chunk(self.parts, -1)  # (B, d) each
+        return mu, (self.log_sigma + sum(log_sigma)).clamp(-5.0, 2.0).exp().expand_as(mu)
 
 class Critic(nn.Module):
     def __init__(self, obs_dim: int, hidden: int, layers: int, activation: str):
@@ -248,7 +250,8 @@ class FlowDecoder(nn.Module):
         return self.integrate_split(obs, eps) if self.split_first_layer else self.integrate(obs, eps)
 
 def make_networks(obs_dim: int, act_dim: int, args: Args, device) -> tuple[LatentPolicy, Critic, FlowDecoder]:
-    return (LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, args.activation).to(device),
+    return (LatentPolicy(obs_dim, act_dim, args.policy_hidden, args.policy_layers, args.activation,
+                         args.state_sigma).to(device),
             Critic(obs_dim, args.critic_hidden, args.critic_layers, args.activation).to(device),
             FlowDecoder(obs_dim, act_dim, args.decoder_hidden, args.decoder_layers, args.euler_steps,
                         args.decoder_split_first_layer).to(device))
@@ -321,8 +324,7 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             with torch.no_grad():
                 approx_kls.append(((ratio - 1) - log_ratio).mean().item())
                 clipfracs.append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
-            adv = b["advantages"][mb]
-            adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # normalised per minibatch
+            adv = (b["advantages"][mb] - b["advantages"][mb].mean()) / (b["advantages"][mb].std() + 1e-8)
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
             v_loss = 0.5 * (critic(b["obs"][mb]) - b["returns"][mb]).pow(2).mean()
             entropy = (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean()
@@ -456,8 +458,7 @@ def validate(args: Args) -> None:
         raise common.UsageError(f"--total-timesteps {args.total_timesteps} is less than one rollout ({batch} steps) "
                                 f"per stage for --num-stages {args.num_stages}")
     if args.decoder_fresh_steps and args.decoder_targets != "executed":
-        raise common.UsageError("--decoder-fresh-steps refits on the executed actions of the fresh episodes: "
-                                "add --decoder-targets executed")
+        raise common.UsageError("--decoder-fresh-steps refits on the executed actions: add --decoder-targets executed")
 
 if __name__ == "__main__":
     run = common.Run(Args, "gorl_ppo", validate, build_act)  # command line, --resume, --eval-only, logs
@@ -466,7 +467,6 @@ if __name__ == "__main__":
     fresh_rollouts = -(-args.decoder_fresh_steps // batch_size)  # collected at each boundary for the refit
     num_iterations = args.total_timesteps // batch_size - fresh_rollouts * (args.num_stages - 1)
     stage_end = common.stage_ends(num_iterations, args.num_stages, args.stage_fractions)  # in PPO iterations
-
     envs = common.VectorEnv(run.env, args.num_envs, args.seed, args.env_threads)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     policy, critic, decoder = make_networks(obs_dim, act_dim, args, device)
