@@ -299,8 +299,7 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
         final_values = torch.zeros(args.num_envs, device=run.device)
         if done.any():  # V of the true last observation: a truncated episode still bootstraps from it
             final_values[done] = critic(torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]), device=run.device))
-        for k, v in zip(keys, (s, raw, eps, u, logp, value, reward * args.reward_scale, terminated, done,
-                               final_values)):
+        for k, v in zip(b, (s, raw, eps, u, logp, value, reward * args.reward_scale, terminated, done, final_values)):
             b[k].append(torch.as_tensor(v, dtype=torch.float32, device=run.device))
     b = {k: torch.stack(v) for k, v in b.items()}  # (T, N, ...)
     last_values = critic(torch.as_tensor(obs_rms.normalize(obs), device=run.device))
@@ -321,10 +320,10 @@ def update(policy, critic, optimizer, b: dict, clip_coef: float, kl_coef: float,
             mu, sigma = policy(b["obs"][mb])
             log_ratio = gaussian_log_prob(b["eps"][mb], mu, sigma) - b["logp"][mb]
             ratio = log_ratio.exp()
-            with torch.no_grad():
-                approx_kls.append(((ratio - 1) - log_ratio).mean().item())
-                clipfracs.append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
-            adv = (b["advantages"][mb] - b["advantages"][mb].mean()) / (b["advantages"][mb].std() + 1e-8)
+            approx_kls.append(((ratio - 1) - log_ratio).mean().item())  # .item(): no graph is kept
+            clipfracs.append(((ratio - 1.0).abs() > clip_coef).float().mean().item())
+            adv = b["advantages"][mb]
+            adv = (adv - adv.mean()) / (adv.std() + 1e-8)  # normalised per minibatch
             pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip_coef, 1 + clip_coef)).mean()
             v_loss = 0.5 * (critic(b["obs"][mb]) - b["returns"][mb]).pow(2).mean()
             entropy = (sigma.log() + 0.5 * np.log(2 * np.pi * np.e)).sum(-1).mean()
@@ -419,11 +418,10 @@ def boundary_diagnostics(policy, old_decoder, new_decoder, obs_rms, obs, generat
             "charts/boundary_action_std_new": a_new.std(0).mean().item()}
 
 def reset_latent_policy(policy: LatentPolicy, optimizer: torch.optim.Optimizer) -> None:
-    """Stage boundary: pi_theta(.|s) = N(0, I) exactly, fresh Adam moments for the head; all else is kept."""
-    with torch.no_grad():
-        for p in (policy.head.weight, policy.head.bias, policy.log_sigma):
-            p.zero_()
-            optimizer.state.pop(p, None)
+    """Stage boundary: pi_theta(.|s) = N(0, I) exactly, fresh Adam moments for all but the trunk; all else is kept."""
+    for p in [p for name, p in policy.named_parameters() if not name.startswith("trunk.")]:  # heads, log_sigma
+        nn.init.zeros_(p)
+        optimizer.state.pop(p, None)
 
 def make_act(policy, decoder, obs_rms, device, stochastic_seed: Optional[int] = None):
     """a = tanh(g(s, mu)), statistics frozen; with a seed mu + sigma xi from its own generator, not the training one."""
@@ -482,8 +480,7 @@ if __name__ == "__main__":
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
         clip_coef = args.clip_coef_late if stage and args.clip_coef_late is not None else args.clip_coef
         kl_coef = args.kl_coef_late if stage and args.kl_coef_late is not None else args.kl_coef
-        start = stage_end[stage - 1] if stage else 0
-        start, end = (0, num_iterations) if args.lr_schedule == "run" else (start, stage_end[stage])
+        start, end = (0, num_iterations) if args.lr_schedule == "run" else (([0] + stage_end)[stage], stage_end[stage])
         for iteration in range(run.global_step // batch_size - stage * fresh_rollouts, stage_end[stage]):
             decay = 1.0 - (iteration - start) / (end - start) if args.lr_schedule != "constant" else 1.0  # detail 2
             optimizer.param_groups[0]["lr"] = decay * args.learning_rate
