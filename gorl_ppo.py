@@ -56,7 +56,7 @@ class Args:
     ent_decay: bool = True
     """decay the entropy bonus linearly to 0 over the whole run (detail 14)"""
     state_sigma: bool = True
-    """log sigma(s) = log_sigma + the head's second half (detail 15); off: the free parameter log_sigma alone"""
+    """log sigma(s) = log_sigma + a head on the policy's detached features (detail 15); off: log_sigma alone"""
     vf_coef: float = 0.5
     """value loss coefficient"""
     max_grad_norm: float = 0.5
@@ -174,17 +174,20 @@ def mlp(in_dim: int, hidden: int, layers: int, activation: str) -> nn.Sequential
     return nn.Sequential(*[m for a, b in zip(dims[:-1], dims[1:]) for m in (layer_init(nn.Linear(a, b)), act())])
 
 class LatentPolicy(nn.Module):
-    """pi_theta(eps | s) = N(mu(s), diag(sigma(s)^2)); log sigma(s) = log_sigma (+ the head's 2nd half, detail 15)."""
+    """pi_theta(eps | s) = N(mu(s), diag(sigma(s)^2)); log sigma(s) = log_sigma (+ a head on detached features)."""
 
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, layers: int, activation: str, state_sigma=True):
         super().__init__()
-        self.trunk, self.parts = mlp(obs_dim, hidden, layers, activation), 1 + state_sigma
-        self.head = layer_init(nn.Linear(hidden, self.parts * act_dim), std=0.01)  # [mu, log sigma(s) share]
+        self.trunk = mlp(obs_dim, hidden, layers, activation)
+        self.mu_head = layer_init(nn.Linear(hidden, act_dim), std=0.01)
+        self.log_sigma_head = layer_init(nn.Linear(hidden, act_dim), std=0.01) if state_sigma else None
         self.log_sigma = nn.Parameter(torch.zeros(act_dim))
 
     def forward(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, *log_sigma = self.head(self.trunk(s)).chunk(self.parts, -1)  # (B, d) each
-        return mu, (self.log_sigma + sum(log_sigma)).clamp(-5.0, 2.0).exp().expand_as(mu)
+        h = self.trunk(s)  # (B, hidden)
+        share = 0.0 if self.log_sigma_head is None else self.log_sigma_head(h.detach())  # only mu trains h (detail 15)
+        mu = self.mu_head(h)  # (B, d)
+        return mu, (self.log_sigma + share).clamp(-5.0, 2.0).exp().expand_as(mu)
 
 class Critic(nn.Module):
     def __init__(self, obs_dim: int, hidden: int, layers: int, activation: str):

@@ -87,7 +87,9 @@ def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser(
 
     mu, sigma = policy(torch.randn(256, obs_dim) * 10)
     assert torch.equal(mu, torch.zeros_like(mu)) and torch.equal(sigma, torch.ones_like(sigma))
-    assert all(p not in optimizer.state for p in (*policy.head.parameters(), policy.log_sigma))  # fresh moments
+    heads = (*policy.mu_head.parameters(), *policy.log_sigma_head.parameters(), policy.log_sigma)
+    assert all(p not in optimizer.state for p in heads)  # fresh moments
+    assert all(p in optimizer.state for p in policy.trunk.parameters())  # the trunk keeps its moments
     for k, v in critic.state_dict().items():
         assert torch.equal(v, critic_before[k])
     for p, m in zip(critic.parameters(), critic_adam_before):
@@ -95,6 +97,20 @@ def test_stage_boundary_reset_gives_exact_prior_and_keeps_critic_and_normaliser(
     for k, v in policy.trunk.state_dict().items():
         assert torch.equal(v, trunk_before[k])
     assert np.array_equal(rms.mean, rms_before["mean"]) and np.array_equal(rms.var, rms_before["var"])
+
+
+def test_state_sigma_reads_the_trunk_without_training_it():
+    """Detail 15: log sigma(s) = log_sigma + a head on the trunk's features through detach(), so a loss on sigma
+    alone moves its head and never the trunk, while a loss on mu reaches the trunk."""
+    torch.manual_seed(0)
+    policy, s = gorl_ppo.LatentPolicy(5, 2, 16, 2, "tanh"), torch.randn(32, 5)
+    mu, sigma = policy(s)
+    assert sigma.std(0).min() > 0  # sigma depends on the state
+    sigma.log().sum().backward()
+    assert all(p.grad is None for p in policy.trunk.parameters())
+    assert policy.log_sigma_head.weight.grad.abs().min() > 0 and policy.log_sigma.grad.abs().min() > 0
+    policy(s)[0].sum().backward()
+    assert all(p.grad.abs().sum() > 0 for p in policy.trunk.parameters())
 
 
 def test_stage_ends_split_the_budget():
@@ -195,7 +211,7 @@ def test_update_prior_pull_moves_the_latent_toward_its_target(kind):
     toward 1 (the KL) or toward 0 (the authors' L2); the entropy bonus alone widens sigma."""
     policy, critic, batch = _policy_and_batch(0.0)
     with torch.no_grad():
-        policy.head.bias[:policy.log_sigma.numel()].fill_(1.0)
+        policy.mu_head.bias.fill_(1.0)
         policy.log_sigma.fill_(np.log(2.0))
     _update(policy, critic, batch, kl_coef=1.0, prior_penalty=kind)
     mu, sigma = policy(batch["obs"])
