@@ -37,7 +37,7 @@ class Args:
     # ---- PPO on the latent policy (Phase 1) ----
     learning_rate: float = 1e-3
     """Adam learning rate of the latent policy and the critic"""
-    lr_schedule: Literal["run", "stage", "constant"] = "stage"
+    lr_schedule: Literal["run", "stage", "constant"] = "run"
     """linear decay to 0 over the whole run, over each stage, or none (the authors')"""
     gamma: float = 0.99
     """discount factor"""

@@ -219,7 +219,7 @@ def test_grid_runs_the_real_scripts_and_twins_branch_from_stage_0_with_the_same_
     # passes and the files it reads (eval.csv with its 'final' row) are the scripts' own. One worker runs
     # GoRL before its twin, so the twin starts from GoRL's stage-0 checkpoint; twins run again from their
     # first step (--no-branch-twins) must give the same rows. Frequent checkpoints let the runner see one in stage 0.
-    # PPO's default lr schedule restarts at each stage, so its stage 0 is the twin's run only with `run` (detail 1).
+    # With `--lr-schedule run` (the default; `stage` restarts the decay) PPO's stage 0 is the twin's run (detail 1).
     flags = ["--scripts", "ppo", "sac", "--envs", "tests.toy_envs:Toy-v0", "--seeds", "1", "--ppo-steps", "512",
              "--sac-steps", "800", "--ppo-args=--lr-schedule run --action-repeat 1 --num-envs 4 --num-steps 32 --decoder-train-steps 300 "
              "--eval-episodes 2 --eval-interval 256 --checkpoint-interval 128",
