@@ -423,3 +423,22 @@ def test_two_peaks_reward_and_the_repeat_toy_pay_for_covering_both_peaks():
     assert abs(env.step(toy.PEAKS[1])[1] - 1.0) < 1e-4  # the other peak is still fresh
     one_peak, both = toy.expected_return(1.0, episodes=50), toy.expected_return(0.5, episodes=2000)
     assert abs(one_peak - 2 * (1 - 0.5**toy.HORIZON)) < 1e-3 and 3.4 < both < 3.8
+
+
+def test_hopper_starts_splits_the_final_evaluation_by_the_initial_torso_angle(tmp_path):
+    """Episodes 0, 8, 9 start with the torso near -1 rad (class A), 1-4, 6, 7 near +2.5 (class B), 5 near 0."""
+    rows = [["global_step", "stage", "return_mean", "return_std", "wall_time_s", "tag", "episode_returns"],
+            [500, 0, 0, 0, 1, "periodic", " ".join(["0"] * 10)],
+            [1000, 0, 0, 0, 1, "periodic", " ".join(["400" if i in (0, 8, 9) else "0" for i in range(10)])],
+            [1500, 1, 0, 0, 1, "final", " ".join(["900" if i in (0, 8, 9) else "600" if i == 5 else "30" for i in range(10)])]]
+    with open(tmp_path / "eval.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hopper_starts.py"), "--angles",
+                             str(tmp_path / "eval.csv"), "--out", str(tmp_path / "classes.csv")], env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    angles = [float(a) for a in result.stdout.split("[")[1].split("]")[0].split(",")]
+    assert all(-1.5 < angles[i] < -0.5 for i in (0, 8, 9)) and all(angles[i] > 2.0 for i in (1, 2, 3, 4, 6, 7))
+    (row,) = list(csv.DictReader(open(tmp_path / "classes.csv")))
+    assert (row["class_A"], row["class_B"], row["upright"]) == ("900.0", "30.0", "600.0")
+    assert (row["A_above_300_at"], row["B_above_300_at"]) == ("1000", "")
