@@ -10,6 +10,7 @@ to stand from one class and never from the other, which the mean over ten episod
 
 import argparse
 import csv
+import os
 
 CLASSES = {"A": (0, 8, 9), "B": (1, 2, 3, 4, 6, 7), "upright": (5,)}
 
@@ -35,6 +36,9 @@ def main() -> None:
     p.add_argument("--out", default=None, help="also write the table to this CSV")
     p.add_argument("--angles", action="store_true", help="print each eval episode's initial torso angle (envpool)")
     a = p.parse_args()
+    missing = [path for path in a.csvs if not os.path.isfile(path)]
+    if missing:
+        p.error(f"no such file: {missing[0]} (give eval.csv files of hopper-stand runs)")
     if a.angles:
         print("initial torso angle (rad) of eval episodes 0-9:", start_angles())
     head = ["file", "global_step", "final", "class_A", "class_B", "upright", "A_above_300_at", "B_above_300_at"]

@@ -442,3 +442,9 @@ def test_hopper_starts_splits_the_final_evaluation_by_the_initial_torso_angle(tm
     (row,) = list(csv.DictReader(open(tmp_path / "classes.csv")))
     assert (row["class_A"], row["class_B"], row["upright"]) == ("900.0", "30.0", "600.0")
     assert (row["A_above_300_at"], row["B_above_300_at"]) == ("1000", "")
+    # A missing file is a one-line error before anything is written.
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "hopper_starts.py"),
+                             str(tmp_path / "eval.csv"), str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x.csv")],
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "nope.csv" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.csv").exists()
