@@ -72,7 +72,7 @@ class Args:
     """seeds of every cell (hopper-stand too, unless --hopper-seeds is given)"""
     hopper_seeds: Optional[tuple[int, ...]] = None
     """seeds on hopper-stand (default: 1-5 with the default --seeds, else --seeds)"""
-    ppo_steps: int = 3_000_000
+    ppo_steps: int = 10_000_000
     """env steps of each gorl_ppo.py run"""
     sac_steps: int = 500_000
     """env steps of each gorl_sac.py run"""

@@ -47,7 +47,7 @@ def test_dry_run_prints_the_whole_protocol_grid(tmp_path):
     assert len(twins) == 40 and all(l.endswith("--exp-name twin --num-stages 1") for l in twins)
     assert not any("--num-stages" in l for l in runs if "__gorl__" in l)
     assert all("--total-timesteps 500000" in l for l in runs if l.split()[1].startswith("sac__"))
-    assert all("--total-timesteps 3000000" in l for l in runs if l.split()[1].startswith("ppo__"))
+    assert all("--total-timesteps 10000000" in l for l in runs if l.split()[1].startswith("ppo__"))
     code = os.path.join(str(tmp_path / "grid"), "code")
     assert all(f" {code}/gorl_{l.split()[1][:3]}.py --env-id " in l for l in runs)
     assert not (tmp_path / "grid").exists()
