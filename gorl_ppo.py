@@ -189,13 +189,9 @@ class LatentPolicy(nn.Module):
         mu = self.mu_head(h)  # (B, d)
         return mu, (self.log_sigma + share).clamp(-5.0, 2.0).exp().expand_as(mu)
 
-class Critic(nn.Module):
+class Critic(nn.Sequential):  # V(s): (B, obs_dim) -> (B,)
     def __init__(self, obs_dim: int, hidden: int, layers: int, activation: str):
-        super().__init__()
-        self.net = nn.Sequential(mlp(obs_dim, hidden, layers, activation), layer_init(nn.Linear(hidden, 1), std=1.0))
-
-    def forward(self, s: torch.Tensor) -> torch.Tensor:
-        return self.net(s).squeeze(-1)  # (B,)
+        super().__init__(mlp(obs_dim, hidden, layers, activation), layer_init(nn.Linear(hidden, 1), 1.0), nn.Flatten(0))
 
 class FlowDecoder(nn.Module):
     """g_phi(s, eps), flow matching from N(0, I) to pre-tanh actions u: v_phi(s, x, emb(t)) is a SiLU MLP, emb(t) =
@@ -471,8 +467,7 @@ if __name__ == "__main__":
     envs = common.VectorEnv(run.env, args.num_envs, args.seed, args.env_threads)
     obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     policy, critic, decoder = make_networks(obs_dim, act_dim, args, device)
-    optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], lr=args.learning_rate, eps=1e-5,
-                                 fused=True)
+    optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], args.learning_rate, eps=1e-5, fused=True)
     obs_rms = common.RunningMeanStd((obs_dim,))
     # (raw obs, executed u) of the latest rollouts: the current composite policy's, for the next refit (detail 4)
     refit_data = collections.deque(maxlen=fresh_rollouts or -(-args.decoder_data_steps // batch_size))
@@ -497,11 +492,10 @@ if __name__ == "__main__":
             break
 
         # ---- Phase 2: refit the decoder to the current composite policy ----
-        if fresh_rollouts:  # on-policy data collected now with the frozen policy; these env steps count
-            for _ in range(fresh_rollouts):  # refit_data holds fresh_rollouts rollouts: these replace the others
-                batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run, frozen=True)
-                refit_data.append((batch["raw_obs"], batch["u"]))
-                run.stop_requested_in_refit()
+        for _ in range(fresh_rollouts):  # --decoder-fresh-steps: on-policy data of the frozen policy; these steps count
+            batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run, frozen=True)
+            refit_data.append((batch["raw_obs"], batch["u"]))  # its maxlen is fresh_rollouts: these push the rest out
+            run.stop_requested_in_refit()
         before = run.evaluate("boundary_before")
         data_obs = torch.cat([o for o, _ in refit_data])  # (M, obs_dim), raw
         targets, old_decoder = torch.cat([u for _, u in refit_data]), decoder  # (M, d): executed pre-tanh actions
@@ -512,7 +506,6 @@ if __name__ == "__main__":
             def targets(idx):  # u = g_old(s, mu + sigma xi): fresh draws of the current composite policy
                 mu, sigma = policy(data_s[idx])
                 return old_decoder(data_obs[idx], mu + sigma * torch.randn_like(mu))
-
         # the decoder's observation std is at least 10% of the running statistics' (detail 5)
         var_floor = torch.as_tensor(0.01 * obs_rms.var, dtype=torch.float32, device=device)
         new_decoder, fit = fit_decoder(data_obs, targets, args, obs_dim, act_dim, device, run.stop_requested_in_refit,
