@@ -61,6 +61,8 @@ class Args:
     """value loss coefficient"""
     max_grad_norm: float = 0.5
     """gradient-norm clip, applied to the policy and to the critic separately"""
+    norm_returns: bool = False
+    """divide rewards by the running std of each env's discounted return so far, then clip them to +-10"""
     reward_scale: float = 1.0
     """rewards are multiplied by this before GAE"""
     kl_coef: float = 1e-3
@@ -278,7 +280,7 @@ def compute_gae(rewards, values, next_values, terminated, dones, gamma: float, l
     return advantages, advantages + values
 
 @torch.no_grad()
-def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common.Run, frozen: bool = False):
+def rollout(envs, obs, policy, critic, decoder, obs_rms, ret, ret_rms, args: Args, run: common.Run, frozen=False):
     """num_steps of eps ~ pi(.|s), u = g(s, eps), a = tanh(u) in every env: the batch (T * N, ...) with GAE, and the
     next obs. frozen: the observation statistics stay as they are (the policy is exactly the one being refit)."""
     keys = ("obs", "raw_obs", "eps", "u", "logp", "values", "rewards", "terminated", "dones", "final_values")
@@ -295,6 +297,9 @@ def rollout(envs, obs, policy, critic, decoder, obs_rms, args: Args, run: common
         obs, reward, terminated, truncated, infos = envs.step(torch.tanh(u).cpu().numpy())
         run.count_env_steps(args.num_envs * args.action_repeat, infos)
         done = terminated | truncated
+        ret_rms.update(ret.mul_(args.gamma).add_(torch.as_tensor(reward)).numpy())  # R <- gamma R + r per env, (N,)
+        reward = np.clip(reward / np.sqrt(ret_rms.var + 1e-8), -10.0, 10.0) if args.norm_returns else reward
+        ret[torch.as_tensor(done)] = 0.0  # each env's discounted return restarts with its episode
         final_values = torch.zeros(args.num_envs, device=run.device)
         if done.any():  # V of the true last observation: a truncated episode still bootstraps from it
             final_values[done] = critic(torch.as_tensor(obs_rms.normalize(infos["final_obs"][done]), device=run.device))
@@ -469,10 +474,12 @@ if __name__ == "__main__":
     policy, critic, decoder = make_networks(obs_dim, act_dim, args, device)
     optimizer = torch.optim.Adam([*policy.parameters(), *critic.parameters()], args.learning_rate, eps=1e-5, fused=True)
     obs_rms = common.RunningMeanStd((obs_dim,))
+    ret, ret_rms = torch.zeros(args.num_envs, dtype=torch.float64), common.RunningMeanStd(())  # --norm-returns
     # (raw obs, executed u) of the latest rollouts: the current composite policy's, for the next refit (detail 4)
     refit_data = collections.deque(maxlen=fresh_rollouts or -(-args.decoder_data_steps // batch_size))
     obs = run.restore(envs, lambda seed=None: make_act(policy, decoder, obs_rms, device, seed), policy=policy,
-                      critic=critic, decoder=decoder, optimizer=optimizer, obs_rms=obs_rms, refit_data=refit_data)
+                      critic=critic, decoder=decoder, optimizer=optimizer, obs_rms=obs_rms, refit_data=refit_data,
+                      ret=ret, ret_rms=ret_rms)
 
     for stage in range(run.stage, args.num_stages):
         # ---- Phase 1: PPO on the latent policy, decoder frozen ----
@@ -483,7 +490,7 @@ if __name__ == "__main__":
             decay = 1.0 - (iteration - start) / (end - start) if args.lr_schedule != "constant" else 1.0  # detail 2
             optimizer.param_groups[0]["lr"] = decay * args.learning_rate
             ent_coef = args.ent_coef * (1.0 - iteration / num_iterations) if args.ent_decay else args.ent_coef
-            batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run)
+            batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, ret, ret_rms, args, run)
             refit_data.append((batch["raw_obs"], batch["u"]))
             run.log(update(policy, critic, optimizer, batch, clip_coef, kl_coef, ent_coef, args, run))
             run.tick()  # evaluate, film, checkpoint when due; Ctrl-C
@@ -493,7 +500,7 @@ if __name__ == "__main__":
 
         # ---- Phase 2: refit the decoder to the current composite policy ----
         for _ in range(fresh_rollouts):  # --decoder-fresh-steps: on-policy data of the frozen policy; these steps count
-            batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, args, run, frozen=True)
+            batch, obs = rollout(envs, obs, policy, critic, decoder, obs_rms, ret, ret_rms, args, run, frozen=True)
             refit_data.append((batch["raw_obs"], batch["u"]))  # its maxlen is fresh_rollouts: these push the rest out
             run.stop_requested_in_refit()
         before = run.evaluate("boundary_before")

@@ -100,7 +100,7 @@ PPO_RUN = ["--env-id", "cartpole-balance", "--action-repeat", "1", "--num-envs",
            "--num-minibatches", "2", "--update-epochs", "2", "--total-timesteps", "6144", "--num-stages", "3",
            "--decoder-train-steps", "400", "--decoder-batch-size", "64", "--decoder-noise-draws", "2",
            "--euler-steps", "5", "--decoder-val-every", "20", "--decoder-data-steps", "2048", "--eval-episodes", "1",
-           "--eval-interval", "1024", "--checkpoint-interval", "2048", "--seed", "3"]
+           "--eval-interval", "1024", "--checkpoint-interval", "2048", "--seed", "3", "--norm-returns"]
 
 
 def test_ppo_interrupted_in_phase_1_and_in_a_refit_then_resumed_writes_the_same_eval_rows(tmp_path):

@@ -221,29 +221,50 @@ def test_update_prior_pull_moves_the_latent_toward_its_target(kind):
     assert policy(batch["obs"])[1].mean() > 1.01
 
 
+def _returns():  # rollout's per-env discounted return and its running statistics, as the script makes them
+    return torch.zeros(2, dtype=torch.float64), common.RunningMeanStd(())
+
+
+class _TwoEnvs:  # reward 1 a step; at the second, env 0 is truncated (final obs 9), env 1 terminates (5)
+    num_envs, t = 2, 0
+
+    def step(self, actions):
+        self.t += 1
+        obs = np.full((2, 1), self.t + 1.0, np.float32)
+        infos, terminated, truncated = {}, np.zeros(2, bool), np.zeros(2, bool)
+        if self.t == 2:
+            truncated[0], terminated[1] = True, True
+            infos["final_obs"], obs[:] = np.array([[9.0], [5.0]], np.float32), 7.0
+        return obs, np.ones(2), terminated, truncated, infos
+
+
 def test_rollout_bootstraps_a_truncation_from_its_final_observation():
     """Two envs, three steps, gamma 0.5, lambda 0 (advantage = TD error), V(s) = s. At step 1 env 0 hits its time
     limit (final obs 9) and env 1 terminates (final obs 5); both restart at obs 7."""
-
-    class Envs:
-        num_envs, t = 2, 0
-
-        def step(self, actions):
-            self.t += 1
-            obs = np.full((2, 1), self.t + 1.0, np.float32)
-            infos, terminated, truncated = {}, np.zeros(2, bool), np.zeros(2, bool)
-            if self.t == 2:
-                truncated[0], terminated[1] = True, True
-                infos["final_obs"], obs[:] = np.array([[9.0], [5.0]], np.float32), 7.0
-            return obs, np.ones(2), terminated, truncated, infos
-
     torch.manual_seed(0)
     args = gorl_ppo.Args(num_envs=2, num_steps=3, gamma=0.5, gae_lambda=0.0, reward_scale=2.0, action_repeat=1)
     policy, decoder = gorl_ppo.LatentPolicy(1, 1, 8, 1, "tanh"), gorl_ppo.FlowDecoder(1, 1, 8, 1, 2)
     rms, run = common.RunningMeanStd((1,)), _Run()  # mean 0, var 1: V sees the raw observation
-    batch, obs = gorl_ppo.rollout(Envs(), np.ones((2, 1), np.float32), policy, lambda s: s[:, 0], decoder, rms, args,
-                                  run, frozen=True)
+    batch, obs = gorl_ppo.rollout(_TwoEnvs(), np.ones((2, 1), np.float32), policy, lambda s: s[:, 0], decoder, rms,
+                                  *_returns(), args, run, frozen=True)
     adv = batch["advantages"].reshape(3, 2)  # (T, N)
     expected = torch.tensor([[2 + 0.5 * 2 - 1] * 2, [2 + 0.5 * 9 - 2, 2 - 2], [2 + 0.5 * 4 - 7] * 2])
     torch.testing.assert_close(adv, expected)
     assert run.steps == 6 and obs[0, 0] == 4.0
+
+
+@pytest.mark.parametrize("norm_returns", [False, True])
+def test_rollout_divides_rewards_by_the_std_of_the_discounted_return(norm_returns):
+    """gamma 0.5, rewards 1: R = 1, 1.5, then both episodes end and R restarts at 1. The running std over all R so far
+    is 0 (so 1 / 1e-4, clipped to 10), 0.25, then sqrt(2) / 6; without --norm-returns rewards pass through."""
+    torch.manual_seed(0)
+    args = gorl_ppo.Args(num_envs=2, num_steps=3, gamma=0.5, reward_scale=2.0, action_repeat=1,
+                         norm_returns=norm_returns)
+    policy, decoder = gorl_ppo.LatentPolicy(1, 1, 8, 1, "tanh"), gorl_ppo.FlowDecoder(1, 1, 8, 1, 2)
+    ret, ret_rms = _returns()
+    batch, _ = gorl_ppo.rollout(_TwoEnvs(), np.ones((2, 1), np.float32), policy, lambda s: s[:, 0], decoder,
+                                common.RunningMeanStd((1,)), ret, ret_rms, args, _Run(), frozen=True)
+    scale = torch.tensor([10.0, 4.0, 6.0 / 2.0**0.5]) if norm_returns else torch.ones(3)
+    torch.testing.assert_close(batch["rewards"].reshape(3, 2), 2.0 * scale[:, None].expand(3, 2))
+    torch.testing.assert_close(ret, torch.ones(2, dtype=torch.float64))  # carried into the next rollout
+    assert ret_rms.count == 6
